@@ -1,0 +1,225 @@
+"""Per-image sparse Mixture-of-Experts layers.
+
+Shape letters, used in every module of this package (as google-research/vmoe does):
+    B  images in the batch          T  tokens per image (patches + class token)
+    D  token width (embed_dim)      H  hidden width of an expert MLP
+    E  experts                      K  experts chosen per image (top-k)
+    C  classes                      S  super-classes (S == E when super-class routing is used)
+
+Mobile V-MoE routes whole images, not tokens: one router, placed after the last dense block, picks K of E
+experts per image, and the same experts (with the same gate weights) serve every MoE block.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Routing(NamedTuple):
+    """The routing decision for a batch, shared by every MoE block."""
+
+    logits: torch.Tensor  # [B, E] router logits (the super-class loss is taken on these)
+    expert_idx: torch.Tensor  # [B, K] chosen experts, int64
+    gates: torch.Tensor  # [B, K] weight of each chosen expert's output
+
+
+class Router(nn.Module):
+    """One per-image router: summary of the tokens -> E logits -> top-K experts and their gates.
+
+    ``summary="mean"`` (default) averages the patch tokens. At the routing point (after the dense blocks, i.e.
+    before the last blocks) the class token has only started to aggregate the image, while the mean of the patch
+    tokens already describes all of it; the Mobile V-MoE paper also routes on the averaged tokens.
+    ``summary="cls"`` reads the class token instead.
+
+    Gates are softmax(logits) taken at the chosen experts. ``renormalize=False`` (default) keeps them as they are,
+    as V-MoE does: with K=1 a renormalised gate is always 1 and the classification loss would give the router no
+    gradient at all. ``renormalize=True`` rescales the K gates to sum to 1.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        summary: str = "mean",
+        renormalize: bool = False,
+        num_prefix_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        if summary not in ("mean", "cls"):
+            raise ValueError(f"router summary must be 'mean' or 'cls', got {summary!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if summary == "cls" and num_prefix_tokens == 0:
+            raise ValueError("router summary 'cls' needs a class token (class_token=True)")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.summary = summary
+        self.renormalize = renormalize
+        self.num_prefix_tokens = num_prefix_tokens
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, num_experts)
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor | None = None) -> Routing:
+        """x: [B, T, D]. ``expert_idx`` [B, K] (or [B]) forces the choice, e.g. for analysis."""
+        if self.summary == "mean":
+            s = x[:, self.num_prefix_tokens :].mean(dim=1)  # [B, D]
+        else:
+            s = x[:, 0]  # [B, D]
+        logits = self.proj(self.norm(s))  # [B, E]
+        probs = logits.softmax(dim=-1)
+        if expert_idx is None:
+            gates, expert_idx = probs.topk(self.top_k, dim=-1)  # [B, K], [B, K]
+        else:
+            expert_idx = expert_idx.reshape(x.shape[0], -1).long()
+            gates = probs.gather(1, expert_idx)
+        if self.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return Routing(logits, expert_idx, gates)
+
+
+class ExpertMlp(nn.Module):
+    """E expert MLPs stored as stacked parameters; only the K chosen experts of each image are computed.
+
+    Inference gathers the chosen experts' weights by index and runs batched matmuls: no data-dependent Python
+    control flow, so torch.export / ExecuTorch / Core ML / ONNX keep the sparse compute (computing all experts and
+    selecting costs 2.5x dense on device, the gather form costs the same as dense; ../shared/NOTES.md).
+    With gradients on, ``dispatch="auto"`` groups the images by expert instead, which avoids materialising a
+    [B*K, D, H] weight copy per layer and measured faster on CPU (benchmarks/moe_overhead.py).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        dispatch: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dispatch not in ("auto", "gather", "grouped"):
+            raise ValueError(f"dispatch must be 'auto', 'gather' or 'grouped', got {dispatch!r}")
+        self.num_experts = num_experts
+        self.dispatch = dispatch
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))  # [E, D, H]
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim))  # [E, H]
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # [E, H, D]
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim))  # [E, D]
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # timm's ViT init for Linear layers: truncated normal, std 0.02, zero bias.
+        nn.init.trunc_normal_(self.fc1_weight, std=0.02)
+        nn.init.trunc_normal_(self.fc2_weight, std=0.02)
+        nn.init.zeros_(self.fc1_bias)
+        nn.init.zeros_(self.fc2_bias)
+
+    def load_dense(self, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                   fc2_bias: torch.Tensor) -> None:
+        """Upcycling: copy one dense MLP (nn.Linear layout, [out, in]) into every expert."""
+        with torch.no_grad():
+            self.fc1_weight.copy_(fc1_weight.t().unsqueeze(0).expand_as(self.fc1_weight))
+            self.fc1_bias.copy_(fc1_bias.unsqueeze(0).expand_as(self.fc1_bias))
+            self.fc2_weight.copy_(fc2_weight.t().unsqueeze(0).expand_as(self.fc2_weight))
+            self.fc2_bias.copy_(fc2_bias.unsqueeze(0).expand_as(self.fc2_bias))
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D] = sum_k gates[:, k] * expert_{idx[:, k]}(x)."""
+        grouped = self.dispatch == "grouped" or (
+            self.dispatch == "auto" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        )
+        if grouped:
+            return self._forward_grouped(x, routing)
+        return self._forward_gather(x, routing)
+
+    def _forward_gather(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        B, T, D = x.shape
+        K = routing.expert_idx.shape[1]
+        idx = routing.expert_idx.reshape(-1)  # [B*K]
+        w1 = self.fc1_weight.index_select(0, idx)  # [B*K, D, H]
+        b1 = self.fc1_bias.index_select(0, idx).unsqueeze(1)  # [B*K, 1, H]
+        w2 = self.fc2_weight.index_select(0, idx)  # [B*K, H, D]
+        b2 = self.fc2_bias.index_select(0, idx).unsqueeze(1)  # [B*K, 1, D]
+        xk = x.unsqueeze(1).expand(B, K, T, D).reshape(B * K, T, D)  # [B*K, T, D]
+        h = self.drop(self.act(torch.baddbmm(b1, xk, w1)))  # [B*K, T, H]
+        y = self.drop(torch.baddbmm(b2, h, w2)).reshape(B, K, T, D)
+        return (y * routing.gates.reshape(B, K, 1, 1).to(y.dtype)).sum(dim=1)
+
+    def _forward_grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        # Training path: one dense matmul per expert over the images routed to it (Python control flow).
+        B, T, D = x.shape
+        K = routing.expert_idx.shape[1]
+        flat_idx = routing.expert_idx.reshape(-1)  # [B*K]
+        flat_img = torch.arange(B, device=x.device).repeat_interleave(K)  # [B*K]
+        flat_gate = routing.gates.reshape(-1)
+        out = torch.zeros_like(x)
+        order = torch.argsort(flat_idx, stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start : start + n]
+            start += n
+            img = flat_img[sel]
+            h = self.drop(self.act(torch.addmm(self.fc1_bias[e], x[img].reshape(n * T, D), self.fc1_weight[e])))
+            y = self.drop(torch.addmm(self.fc2_bias[e], h, self.fc2_weight[e])).reshape(n, T, D)
+            out = out.index_add(0, img, y * flat_gate[sel].reshape(n, 1, 1).to(y.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        E, D, H = self.fc1_weight.shape
+        return f"num_experts={E}, dim={D}, hidden_dim={H}, dispatch={self.dispatch!r}"
+
+
+class MoEBlock(nn.Module):
+    """A pre-norm ViT block whose MLP is an ExpertMlp; attention and norms are shared, taken from a timm Block."""
+
+    def __init__(self, block: nn.Module, num_experts: int, dispatch: str = "auto") -> None:
+        super().__init__()
+        self.norm1 = block.norm1
+        self.attn = block.attn
+        self.ls1 = block.ls1
+        self.drop_path1 = block.drop_path1
+        self.norm2 = block.norm2
+        self.ls2 = block.ls2
+        self.drop_path2 = block.drop_path2
+        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        self.mlp = ExpertMlp(
+            dim=fc1.in_features,
+            hidden_dim=fc1.out_features,
+            num_experts=num_experts,
+            act_layer=type(block.mlp.act),
+            drop=block.mlp.drop1.p if isinstance(block.mlp.drop1, nn.Dropout) else 0.0,
+            dispatch=dispatch,
+        )
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), routing)))
+        return x
+
+
+def load_balancing_loss(routing: Routing) -> torch.Tensor:
+    """V-MoE's importance loss: squared coefficient of variation of the per-expert gate mass over the batch.
+
+    Used only when no super-class map is given, to keep an end-to-end router from collapsing onto one expert.
+    """
+    probs = F.softmax(routing.logits.float(), dim=-1)  # [B, E]
+    importance = probs.sum(dim=0)  # [E]
+    return (importance.std(unbiased=False) / (importance.mean() + 1e-9)) ** 2
+
+
+def expert_load(routing: Routing, num_experts: int) -> torch.Tensor:
+    """Images per expert in this batch, [E]; counts each of the K choices."""
+    return torch.bincount(routing.expert_idx.reshape(-1), minlength=num_experts)
+
+
+__all__ = ["Routing", "Router", "ExpertMlp", "MoEBlock", "load_balancing_loss", "expert_load"]

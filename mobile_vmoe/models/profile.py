@@ -1,0 +1,54 @@
+"""Parameter and FLOP counts, measured with torch.utils.flop_counter rather than hand formulas."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .moe import ExpertMlp
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    params: int  # every parameter the model stores
+    active_params: int  # parameters one image touches: shared ones plus K experts per MoE block
+    flops: int  # forward FLOPs for one image (a multiply-add counts as 2), measured at batch 1 in eval mode
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, active per image)."""
+    total = sum(p.numel() for p in model.parameters())
+    top_k = getattr(model, "top_k", 0) or 0
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, ExpertMlp):
+            per_expert = sum(p.numel() for p in m.parameters()) // m.num_experts
+            inactive += per_expert * (m.num_experts - top_k)
+    return total, total - inactive
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
+    """Forward FLOPs for a single image (batch 1), model in eval mode."""
+    if input_size is None:
+        input_size = tuple(model.pretrained_cfg["input_size"])  # type: ignore[index]
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(torch.zeros(1, *input_size))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def profile_model(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> ModelProfile:
+    total, active = count_params(model)
+    return ModelProfile(params=total, active_params=active, flops=count_flops(model, input_size))
