@@ -57,7 +57,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobile-vmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, module in STAGES.items():
+    for module in STAGES.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

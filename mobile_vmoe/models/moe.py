@@ -191,7 +191,7 @@ class MoEBlock(nn.Module):
         self.norm2 = block.norm2
         self.ls2 = block.ls2
         self.drop_path2 = block.drop_path2
-        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        fc1 = block.mlp.fc1
         self.mlp = ExpertMlp(
             dim=fc1.in_features,
             hidden_dim=fc1.out_features,
