@@ -15,6 +15,7 @@ from .common import UserError
 # verb -> module that owns it
 STAGES: dict[str, str] = {
     "models": "mobile_vmoe.cli",
+    "dataset": "mobile_vmoe.data",
     "train": "mobile_vmoe.train",
     "eval": "mobile_vmoe.evaluate",
     "superclasses": "mobile_vmoe.superclasses",
