@@ -62,8 +62,10 @@ def resolve_model_file(path: str | os.PathLike[str]) -> Path:
     if p.is_dir():
         p = p / MODEL_FILE
     if not p.is_file():
-        raise UserError(f"checkpoint not found: {path} (expected a .safetensors model file or a run directory "
-                        f"holding {MODEL_FILE})")
+        raise UserError(
+            f"checkpoint not found: {path} (expected a .safetensors model file or a run directory "
+            f"holding {MODEL_FILE})"
+        )
     return p
 
 
@@ -75,8 +77,10 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{p}: not a readable safetensors file ({e})") from None
     if md.get("format") != FORMAT:
-        raise UserError(f"{p}: not a mobile-vmoe model file (metadata 'format' is {md.get('format')!r}, "
-                        f"expected {FORMAT!r})")
+        raise UserError(
+            f"{p}: not a mobile-vmoe model file (metadata 'format' is {md.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
     try:
         return ModelMeta(
             model=md["model"],
@@ -100,13 +104,17 @@ def load_model(
         raise UserError(f"{p}: model {meta.model!r} is not a registered mobile-vmoe model")
     model = timm.create_model(meta.model, **meta.model_kwargs)
     if expect_moe is not None and bool(getattr(model, "is_moe", False)) != expect_moe:
-        raise UserError(f"{p}: holds {meta.model} ({'MoE' if not expect_moe else 'dense'}), "
-                        f"expected a {'MoE' if expect_moe else 'dense'} model")
+        raise UserError(
+            f"{p}: holds {meta.model} ({'MoE' if not expect_moe else 'dense'}), "
+            f"expected a {'MoE' if expect_moe else 'dense'} model"
+        )
     from safetensors.torch import load_file
 
     state = load_file(str(p), device=map_location)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"{p}: weights do not match {meta.model} with {meta.model_kwargs} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{p}: weights do not match {meta.model} with {meta.model_kwargs} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.eval(), meta

@@ -32,7 +32,10 @@ def models_table(names: list[str] | None = None) -> str:
     from .models import profile_model
 
     names = names or timm.list_models("mobile_v*")
-    rows = ["| model | kind | image | params (M) | active params (M) | GFLOPs / image |", "|---|---|---|---:|---:|---:|"]
+    rows = [
+        "| model | kind | image | params (M) | active params (M) | GFLOPs / image |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for name in names:
         m = timm.create_model(name)
         p = profile_model(m)
@@ -51,7 +54,9 @@ def _models(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="table of registered models: params, active params, FLOPs per image")
-    p.add_argument("names", nargs="*", help="model names (default: every mobile_vit_* and mobile_vmoe_* model)")
+    p.add_argument(
+        "names", nargs="*", help="model names (default: every mobile_vit_* and mobile_vmoe_* model)"
+    )
     p.set_defaults(func=_models)
 
 

@@ -160,8 +160,17 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
 
 def test_cli_models_table():
     out = subprocess.run(
-        [sys.executable, "-m", "mobile_vmoe.cli", "models", "mobile_vit_tiny_patch16_224", "mobile_vmoe_tiny_patch16_224"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "mobile_vmoe.cli",
+            "models",
+            "mobile_vit_tiny_patch16_224",
+            "mobile_vmoe_tiny_patch16_224",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     lines = out.strip().splitlines()
     assert lines[0].startswith("| model |") and len(lines) == 4

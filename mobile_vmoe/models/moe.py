@@ -121,8 +121,13 @@ class ExpertMlp(nn.Module):
         nn.init.zeros_(self.fc1_bias)
         nn.init.zeros_(self.fc2_bias)
 
-    def load_dense(self, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
-                   fc2_bias: torch.Tensor) -> None:
+    def load_dense(
+        self,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+    ) -> None:
         """Upcycling: copy one dense MLP (nn.Linear layout, [out, in]) into every expert."""
         with torch.no_grad():
             self.fc1_weight.copy_(fc1_weight.t().unsqueeze(0).expand_as(self.fc1_weight))
@@ -169,7 +174,9 @@ class ExpertMlp(nn.Module):
             sel = order[start : start + n]
             start += n
             img = flat_img[sel]
-            h = self.drop(self.act(torch.addmm(self.fc1_bias[e], x[img].reshape(n * T, D), self.fc1_weight[e])))
+            h = self.drop(
+                self.act(torch.addmm(self.fc1_bias[e], x[img].reshape(n * T, D), self.fc1_weight[e]))
+            )
             y = self.drop(torch.addmm(self.fc2_bias[e], h, self.fc2_weight[e])).reshape(n, T, D)
             out = out.index_add(0, img, y * flat_gate[sel].reshape(n, 1, 1).to(y.dtype))
         return out

@@ -59,7 +59,8 @@ class MobileVMoE(VisionTransformer):
             blocks = list(self.blocks)
             self.blocks = nn.Sequential(*blocks[: depth - num_moe_layers])
             self.moe_blocks = nn.ModuleList(
-                MoEBlock(b, num_experts=num_experts, dispatch=moe_dispatch) for b in blocks[depth - num_moe_layers :]
+                MoEBlock(b, num_experts=num_experts, dispatch=moe_dispatch)
+                for b in blocks[depth - num_moe_layers :]
             )
             self.router = Router(
                 self.embed_dim,
@@ -102,7 +103,9 @@ class MobileVMoE(VisionTransformer):
                 x = blk(x, routing)
         return self.norm(x), routing
 
-    def forward_features(self, x: torch.Tensor, expert_idx: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, expert_idx: torch.Tensor | None = None, **_: Any
+    ) -> torch.Tensor:
         return self.forward_routed(x, expert_idx)[0]
 
     def forward_with_routing(
@@ -141,11 +144,15 @@ def upcycle_dense_state_dict(moe: MobileVMoE, dense_state: dict[str, torch.Tenso
         p = f"blocks.{n_dense + j}.mlp."
         try:
             blk.mlp.load_dense(
-                dense_state[p + "fc1.weight"], dense_state[p + "fc1.bias"],
-                dense_state[p + "fc2.weight"], dense_state[p + "fc2.bias"],
+                dense_state[p + "fc1.weight"],
+                dense_state[p + "fc1.bias"],
+                dense_state[p + "fc2.weight"],
+                dense_state[p + "fc2.bias"],
             )
         except KeyError as e:
-            raise ValueError(f"dense checkpoint lacks {e.args[0]!r}: is it the same size as the MoE?") from None
+            raise ValueError(
+                f"dense checkpoint lacks {e.args[0]!r}: is it the same size as the MoE?"
+            ) from None
     return [m for m in missing if not m.startswith("moe_blocks.") or ".mlp." not in m]
 
 
