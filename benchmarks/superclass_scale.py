@@ -17,26 +17,6 @@ import tempfile
 import time
 
 
-def planted(sizes, seed, within, between, lo, hi):
-    """Counts: each class keeps 1 - within - between of its images, loses `within` to its own group and `between`
-    to the other groups (random spreads); random class frequencies in [lo, hi], shuffled class order."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    truth = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(sum(sizes))]
-    n = len(truth)
-    C = np.zeros((n, n), dtype=np.int64)
-    for i in range(n):
-        same = np.flatnonzero((truth == truth[i]) & (np.arange(n) != i))
-        other = np.flatnonzero(truth != truth[i])
-        p = np.zeros(n)
-        p[i] = 1 - within - between
-        p[same] = within * rng.dirichlet(np.ones(len(same)))
-        p[other] = between * rng.dirichlet(np.ones(len(other)))
-        C[i] = rng.multinomial(rng.integers(lo, hi + 1), p)
-    return C, truth
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=1000)
@@ -51,7 +31,13 @@ def main() -> int:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from mobile_vmoe.superclasses import ALGORITHMS, DEFAULT_ALGORITHM, find_superclasses, partition_confusion
+    from mobile_vmoe.superclasses import (
+        ALGORITHMS,
+        DEFAULT_ALGORITHM,
+        find_superclasses,
+        partition_confusion,
+        planted_confusion,
+    )
 
     q, r = divmod(args.classes, args.groups)
     sizes = [q + 1] * r + [q] * (args.groups - r)
@@ -65,7 +51,7 @@ def main() -> int:
     print("|---|---|---:|---:|---|")
     worst = 0.0
     for label, kw in regimes.items():
-        C, truth = planted(sizes, 0, **kw)
+        C, truth = planted_confusion(sizes, 0, **kw)
         for alg in algorithms:
             t = time.perf_counter()
             a = partition_confusion(C, args.groups, algorithm=alg, seed=0)

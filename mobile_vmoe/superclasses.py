@@ -114,6 +114,33 @@ def _affinity(C: np.ndarray, normalize: bool) -> np.ndarray:
     return P + P.T
 
 
+def planted_confusion(
+    sizes: Sequence[int],
+    seed: int = 0,
+    within: float = 0.25,
+    between: float = 0.15,
+    lo: int = 20,
+    hi: int = 60,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic confusion matrix with known super-classes (for tests and benchmarks): (C [N, N], truth [N]).
+
+    Counts from a planted partition: each class keeps 1 - within - between of its images, loses `within` to
+    its own group and `between` to the other groups (random spreads); random class frequencies, shuffled order."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(sum(sizes))]
+    n = len(truth)
+    C = np.zeros((n, n), dtype=np.int64)
+    for i in range(n):
+        same = np.flatnonzero((truth == truth[i]) & (np.arange(n) != i))
+        other = np.flatnonzero(truth != truth[i])
+        p = np.zeros(n)
+        p[i] = 1 - within - between
+        p[same] = within * rng.dirichlet(np.ones(len(same)))
+        p[other] = between * rng.dirichlet(np.ones(len(other)))
+        C[i] = rng.multinomial(rng.integers(lo, hi + 1), p)
+    return C, truth
+
+
 def confusion_graph(C: np.ndarray, normalize: bool = True) -> nx.Graph:
     """Confusion graph: nodes 0..N-1 (classes), edge weight = symmetrised, optionally row-normalised confusion."""
     return nx.from_numpy_array(_affinity(_check_confusion(C), normalize))

@@ -21,25 +21,8 @@ from mobile_vmoe.superclasses import (
     confusion_graph,
     find_superclasses,
     partition_confusion,
+    planted_confusion,
 )
-
-
-def planted(sizes, seed=0, within=0.25, between=0.15, lo=20, hi=60):
-    """Counts from a planted partition: each class keeps 1 - within - between of its images, loses `within` to
-    its own group and `between` to the other groups (random spreads); random class frequencies, shuffled order."""
-    rng = np.random.default_rng(seed)
-    truth = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(sum(sizes))]
-    n = len(truth)
-    C = np.zeros((n, n), dtype=np.int64)
-    for i in range(n):
-        same = np.flatnonzero((truth == truth[i]) & (np.arange(n) != i))
-        other = np.flatnonzero(truth != truth[i])
-        p = np.zeros(n)
-        p[i] = 1 - within - between
-        p[same] = within * rng.dirichlet(np.ones(len(same)))
-        p[other] = between * rng.dirichlet(np.ones(len(other)))
-        C[i] = rng.multinomial(rng.integers(lo, hi + 1), p)
-    return C, truth
 
 
 def assert_balanced(a, n, k):
@@ -52,7 +35,7 @@ def assert_balanced(a, n, k):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_default_recovers_planted_partition(seed):
-    C, truth = planted([10] * 10, seed)
+    C, truth = planted_confusion([10] * 10, seed)
     a = partition_confusion(C, 10, seed=seed)
     assert_balanced(a, 100, 10)
     assert adjusted_rand_score(truth, a) >= 0.95
@@ -65,7 +48,7 @@ def test_unequal_planted_groups_as_close_as_balance_allows():
         i, j = rng.choice(10, 2, replace=False)
         sizes[i] -= 1
         sizes[j] += 1
-    C, truth = planted(sizes, 5)
+    C, truth = planted_confusion(sizes, 5)
     a = partition_confusion(C, 10)
     assert_balanced(a, 100, 10)
     # the best a balanced answer can do: the truth itself, balanced by the same step
@@ -85,7 +68,7 @@ def test_confusion_graph_weights():
 
 @pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != DEFAULT_ALGORITHM])
 def test_other_algorithms_valid_and_sensible(algorithm):
-    C, truth = planted([10] * 10, 3, within=0.3, between=0.1)
+    C, truth = planted_confusion([10] * 10, 3, within=0.3, between=0.1)
     a = partition_confusion(C, 10, algorithm=algorithm)
     assert_balanced(a, 100, 10)
     assert adjusted_rand_score(truth, a) >= 0.8
@@ -93,7 +76,7 @@ def test_other_algorithms_valid_and_sensible(algorithm):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_e_not_dividing_n(algorithm):
-    C, _ = planted([5, 5, 5, 4, 4], 1)
+    C, _ = planted_confusion([5, 5, 5, 4, 4], 1)
     a = partition_confusion(C, 5, algorithm=algorithm)
     assert_balanced(a, 23, 5)
     assert sorted(np.bincount(a).tolist()) == [4, 4, 5, 5, 5]
@@ -139,7 +122,9 @@ def test_disconnected_blocks_are_found():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_deterministic(algorithm):
-    C, _ = planted([10] * 6, 7, within=0.15, between=0.25, lo=5, hi=15)  # noisy: ties and choices happen
+    C, _ = planted_confusion(
+        [10] * 6, 7, within=0.15, between=0.25, lo=5, hi=15
+    )  # noisy: ties and choices happen
     a = partition_confusion(C, 6, algorithm=algorithm, seed=3)
     b = partition_confusion(C.copy(), 6, algorithm=algorithm, seed=3)
     np.testing.assert_array_equal(a, b)
@@ -200,7 +185,7 @@ def _run_cli(*args):
 
 
 def test_cli_end_to_end_with_confusion(tmp_path, capsys):
-    C, truth = planted([4] * 5, 2, within=0.3, between=0.1)
+    C, truth = planted_confusion([4] * 5, 2, within=0.3, between=0.1)
     np.save(tmp_path / "conf.npy", C)
     data = tmp_path / "data"
     data.mkdir()
