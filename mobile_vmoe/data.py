@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -386,6 +387,18 @@ def _is_complete(d: Path, name: str, seed: int, params: dict[str, Any]) -> bool:
     )
 
 
+def _build_name(spec: str, seed: int, sig: Any, params: dict[str, Any]) -> str:
+    """``<spec>-seed<seed>``, plus a digest of the options when they differ from the generator's defaults, so
+    that builds of different sizes (the quick preset, the default) live side by side and a run's data_dir keeps
+    pointing at the images it was trained on."""
+    defaults = {k: p.default for k, p in sig.parameters.items() if k in params}
+    name = f"{spec}-seed{seed}"
+    if params == defaults:
+        return name
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
 def prepare_dataset(spec: str, root: str | os.PathLike[str] = "data", seed: int = 0, **kwargs: Any) -> Path:
     """Return a ready dataset directory.
 
@@ -407,7 +420,7 @@ def prepare_dataset(spec: str, root: str | os.PathLike[str] = "data", seed: int 
         bound = sig.bind_partial(**kwargs)
         bound.apply_defaults()
         params = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "seed")}
-        out = Path(root) / f"{spec}-seed{seed}"
+        out = Path(root) / _build_name(spec, seed, sig, params)
         with _locked(Path(root) / f".{out.name}.lock"):
             if _is_complete(out, spec, seed, params):
                 return out

@@ -279,21 +279,21 @@ def test_bad_images_yield_none_and_are_counted(small, tmp_path):
 def test_prepare_dataset_reuses_and_rebuilds(tmp_path):
     kw = dict(num_superclasses=2, num_fine=2, train_per_class=3, val_per_class=1, image_size=8)
     d = prepare_dataset("synthetic", tmp_path, seed=5, **kw)
-    assert d == tmp_path / "synthetic-seed5" and (d / COMPLETE_MARKER).is_file()
+    assert d.name.startswith("synthetic-seed5-") and (d / COMPLETE_MARKER).is_file()  # non-default options
     digest = _digest(d)
     (d / "sentinel").write_text("kept if reused")
     assert prepare_dataset("synthetic", tmp_path, seed=5, **kw) == d
     assert (d / "sentinel").is_file()  # complete build reused, not regenerated
 
     (d / COMPLETE_MARKER).unlink()  # as if interrupted before the marker
-    (tmp_path / ".synthetic-seed5.x1y2.tmp" / "train").mkdir(parents=True)  # a killed build's temporary
+    (tmp_path / f".{d.name}.x1y2.tmp" / "train").mkdir(parents=True)  # a killed build's temporary
     (d / "train" / scan_dataset(d).class_names[0]).rename(d / "half")
     assert prepare_dataset("synthetic", tmp_path, seed=5, **kw) == d
     assert not (d / "sentinel").exists() and not (d / "half").exists() and _digest(d) == digest
 
-    prepare_dataset("synthetic", tmp_path, seed=5, **{**kw, "train_per_class": 4})  # other params: rebuilt
-    assert len(scan_dataset(d).train) == 4 * 4
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["synthetic-seed5"]
+    d4 = prepare_dataset("synthetic", tmp_path, seed=5, **{**kw, "train_per_class": 4})  # other params: beside
+    assert d4 != d and len(scan_dataset(d4).train) == 4 * 4 and len(scan_dataset(d).train) == 3 * 4
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted([d.name, d4.name])
 
     assert prepare_dataset(str(d)) == d  # an existing directory is used as is
     with pytest.raises(UserError, match="not a built-in dataset"):
@@ -304,7 +304,7 @@ def test_prepare_dataset_reuses_and_rebuilds(tmp_path):
 
 def test_prepare_digits(tmp_path):
     d = prepare_dataset("digits", tmp_path, seed=0, image_size=8)
-    assert d.name == "digits-seed0" and len(scan_dataset(d, num_classes=10).train) > 1000
+    assert d.name.startswith("digits-seed0-") and len(scan_dataset(d, num_classes=10).train) > 1000
 
 
 def test_load_superclass_truth_validates(tmp_path):

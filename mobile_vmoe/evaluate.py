@@ -1,0 +1,260 @@
+"""`mobile-vmoe eval`: top-1/top-5 of a trained model; for a MoE also routing statistics.
+
+    mobile-vmoe eval --checkpoint RUN [--data DIR] [--split val|heldout] [--json OUT]
+
+For a MoE the report adds the router's accuracy against the super-classes (when the model was trained with a
+super-class map, or ``--superclasses`` is given), the number of images routed to each expert (all K choices),
+the accuracy of the images whose first choice is each expert, and the class x expert count matrix (all K
+choices) in the JSON, from which a heatmap can be drawn. The training loop computes its per-epoch validation
+metrics with the same ``eval_counts`` / ``summarize_counts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import UserError, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "eval_counts", "summarize_counts", "load_assignment"]
+
+
+def load_assignment(path: str | os.PathLike[str], num_classes: int) -> list[int]:
+    """The ``assignment`` list of a superclasses.json: super-class index of each of the C classes."""
+    obj = read_json(path, "super-class map")
+    a = obj.get("assignment") if isinstance(obj, dict) else None
+    if not isinstance(a, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in a):
+        raise UserError(f"{path}: 'assignment' must be a list of integers >= 0 (the super-class of each class)")
+    if len(a) != num_classes:
+        raise UserError(f"{path}: 'assignment' has {len(a)} entries, but the data/model has {num_classes} classes")
+    return a
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    fwr = getattr(model, "forward_with_routing", None)
+    return fwr(images) if fwr is not None else (model(images), None)
+
+
+@torch.no_grad()
+def eval_counts(
+    model: torch.nn.Module,
+    loader: Any,
+    num_classes: int,
+    super_of: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sums over a loader of ``(images, targets, n_skipped)`` batches; every value is a tensor, so ranks can
+    all-reduce them. ``super_of`` [C] maps class -> super-class for the router accuracy."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    E = int(getattr(model, "num_experts", 0) or 0)
+    C = num_classes
+    c: dict[str, torch.Tensor] = {
+        "n": torch.zeros((), dtype=torch.int64),
+        "correct1": torch.zeros((), dtype=torch.int64),
+        "correct5": torch.zeros((), dtype=torch.int64),
+        "loss_sum": torch.zeros((), dtype=torch.float64),
+        "skipped": torch.zeros((), dtype=torch.int64),
+    }
+    if E:
+        c["class_expert"] = torch.zeros(C, E, dtype=torch.int64)  # all K choices
+        c["expert_n"] = torch.zeros(E, dtype=torch.int64)  # images whose first choice is e
+        c["expert_correct"] = torch.zeros(E, dtype=torch.int64)
+        c["router_correct"] = torch.zeros((), dtype=torch.int64)
+    k5 = min(5, C)
+    for images, targets, n_bad in loader:
+        c["skipped"] += int(n_bad)
+        if len(targets) == 0:
+            continue
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, routing = _forward(model, images)
+        logits = logits.float()
+        top = logits.topk(k5, dim=1).indices  # [B, k5]
+        hit1 = (top[:, 0] == targets).cpu()
+        c["n"] += len(targets)
+        c["correct1"] += hit1.sum()
+        c["correct5"] += (top == targets[:, None]).any(dim=1).sum().cpu()
+        c["loss_sum"] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double().cpu()
+        if E and routing is not None:
+            idx = routing.expert_idx.cpu()  # [B, K]
+            t = targets.cpu()
+            K = idx.shape[1]
+            c["class_expert"].index_put_((t.repeat_interleave(K), idx.reshape(-1)), torch.ones(1, dtype=torch.int64), accumulate=True)
+            first = idx[:, 0]
+            c["expert_n"] += torch.bincount(first, minlength=E)
+            c["expert_correct"] += torch.bincount(first, weights=hit1.double(), minlength=E).long()
+            if super_of is not None:
+                c["router_correct"] += (routing.logits.argmax(dim=1).cpu() == super_of.cpu()[t]).sum()
+    model.train(was_training)
+    return c
+
+
+def summarize_counts(c: dict[str, torch.Tensor], with_router_accuracy: bool = False) -> dict[str, Any]:
+    """JSON-friendly metrics from ``eval_counts`` sums."""
+    n = int(c["n"])
+    out: dict[str, Any] = {
+        "num_images": n,
+        "skipped": int(c["skipped"]),
+        "top1": float(c["correct1"]) / max(n, 1),
+        "top5": float(c["correct5"]) / max(n, 1),
+        "loss": float(c["loss_sum"]) / max(n, 1),
+    }
+    if "class_expert" in c:
+        en = c["expert_n"]
+        out["expert_load"] = c["class_expert"].sum(dim=0).tolist()
+        out["expert_images_top1"] = en.tolist()
+        out["expert_accuracy"] = [
+            (float(ok) / int(m)) if int(m) else None for ok, m in zip(c["expert_correct"], en)
+        ]
+        out["router_accuracy"] = float(c["router_correct"]) / max(n, 1) if with_router_accuracy else None
+        out["class_expert_counts"] = c["class_expert"].tolist()
+    return out
+
+
+def evaluate(
+    checkpoint: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    file_list: str | os.PathLike[str] | None = None,
+    split: str = "val",
+    batch_size: int = 256,
+    json_out: str | os.PathLike[str] | None = None,
+    num_workers: int = 0,
+    superclasses: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model file (or run / checkpoint directory) on ``split`` (val | heldout) or a file list."""
+    from timm.data import create_transform
+
+    from .checkpoint import load_model, resolve_model_file
+    from .data import ImageListDataset, collate_skip_bad, read_file_list, scan_dataset
+
+    if split not in ("val", "heldout"):
+        raise UserError(f"split must be 'val' or 'heldout', got {split!r}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    ckpt = resolve_model_file(checkpoint)
+    model, meta = load_model(ckpt)
+    extra = meta.extra
+    C = len(meta.class_names)
+    if data_dir is None:
+        data_dir = extra.get("data_dir")
+        if not data_dir:
+            raise UserError(f"{ckpt}: metadata extra.data_dir is missing; pass --data DIR")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"dataset directory not found: {data_dir}")
+    if file_list is not None:
+        samples = read_file_list(file_list, data_dir)
+        source = str(file_list)
+    elif split == "heldout":
+        held = extra.get("heldout_list")
+        if not held:
+            raise UserError(f"{ckpt}: metadata extra.heldout_list is missing; pass --file-list")
+        samples = read_file_list(held, data_dir)
+        source = str(held)
+    else:
+        index = scan_dataset(data_dir, num_classes=C)
+        if index.class_names != meta.class_names:
+            raise UserError(f"{data_dir}: class folders differ from the class names stored in {ckpt}")
+        samples = index.val
+        source = str(data_dir / "val")
+    if not samples:
+        raise UserError(f"no images to evaluate in {source}")
+    bad = [s for s in samples if s.target >= C]
+    if bad:
+        raise UserError(f"{source}: class index {bad[0].target} ({bad[0].path}) >= number of classes {C}")
+
+    sc_path = superclasses or extra.get("superclasses")
+    super_of = None
+    if sc_path and getattr(model, "is_moe", False):
+        super_of = torch.tensor(load_assignment(sc_path, C))
+
+    cfg = model.pretrained_cfg
+    size = int(extra.get("image_size") or cfg["input_size"][-1])
+    transform = create_transform(
+        input_size=(3, size, size),
+        is_training=False,
+        mean=tuple(extra.get("mean") or cfg["mean"]),
+        std=tuple(extra.get("std") or cfg["std"]),
+        interpolation=extra.get("interpolation") or cfg.get("interpolation", "bilinear"),
+        crop_pct=float(extra.get("crop_pct") or cfg.get("crop_pct", 1.0)),
+    )
+    loader = torch.utils.data.DataLoader(
+        ImageListDataset(data_dir, samples, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+    )
+    counts = eval_counts(model, loader, C, super_of=super_of)
+    if int(counts["n"]) == 0:
+        raise UserError(f"none of the {len(samples)} images in {source} could be read")
+    result: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "model": meta.model,
+        "is_moe": bool(getattr(model, "is_moe", False)),
+        "data_dir": str(data_dir),
+        "split": "file_list" if file_list is not None else split,
+        "source": source,
+        **summarize_counts(counts, with_router_accuracy=super_of is not None),
+        "class_names": meta.class_names,
+    }
+    if result["is_moe"]:
+        result.update(num_experts=model.num_experts, top_k=model.top_k, superclasses=str(sc_path) if sc_path else None)
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+    return result
+
+
+def _format(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['model']} on {r['source']}: {r['num_images']} images"
+        + (f" ({r['skipped']} unreadable, skipped)" if r["skipped"] else ""),
+        f"top-1 {100 * r['top1']:.2f} %   top-5 {100 * r['top5']:.2f} %   loss {r['loss']:.4f}",
+    ]
+    if r["is_moe"]:
+        if r.get("router_accuracy") is not None:
+            lines.append(f"router accuracy against the super-classes: {100 * r['router_accuracy']:.2f} %")
+        lines.append("expert  images  accuracy (images whose first choice it is)")
+        for e, (load, acc) in enumerate(zip(r["expert_load"], r["expert_accuracy"])):
+            lines.append(f"{e:6d}  {load:6d}  " + (f"{100 * acc:6.2f} %" if acc is not None else "     -"))
+    return "\n".join(lines)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    r = evaluate(
+        args.checkpoint,
+        data_dir=args.data,
+        file_list=args.file_list,
+        split=args.split,
+        batch_size=args.batch_size,
+        json_out=args.json,
+        num_workers=args.num_workers,
+        superclasses=args.superclasses,
+    )
+    print(_format(r))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 of a trained model; routing statistics for a MoE")
+    p.add_argument("--checkpoint", required=True, help="model .safetensors, run dir or checkpoint dir")
+    p.add_argument("--data", default=None, help="dataset dir (default: the checkpoint's extra.data_dir)")
+    p.add_argument("--split", choices=("val", "heldout"), default="val", help="val/ images or RUN/heldout.txt")
+    p.add_argument("--file-list", default=None, help="evaluate these images instead (relative/path<TAB>class)")
+    p.add_argument("--superclasses", default=None, help="superclasses.json for the router accuracy (MoE)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the full report (with class x expert counts) here")
+    p.set_defaults(func=_cli)
