@@ -29,7 +29,9 @@ __all__ = ["Config", "load_config", "list_presets", "config_to_dict", "dump_yaml
 
 @dataclass
 class DataConfig:
-    spec: str = ""  # "synthetic" | "digits" | an ImageFolder directory (--data / --dataset); ImageNet: --data DIR
+    spec: str = (
+        ""  # "synthetic" | "digits" | an ImageFolder directory (--data / --dataset); ImageNet: --data DIR
+    )
     root: str = "data"  # where built-in datasets are built
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # generator options of a built-in dataset
     image_size: int = 0  # 0: the model's own input size; else the model is built with img_size=image_size
@@ -57,7 +59,9 @@ class ScheduleConfig:
     warmup_epochs: float = 5  # DeiT: 5 epochs of linear warm-up from warmup_lr
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    max_steps: int | None = None  # stop after this many optimizer steps in total (smoke runs); None: all epochs
+    max_steps: int | None = (
+        None  # stop after this many optimizer steps in total (smoke runs); None: all epochs
+    )
 
 
 @dataclass
@@ -76,14 +80,18 @@ class AugConfig:
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     mixup_mode: str = "batch"
     label_smoothing: float = 0.1
-    drop_path: float = 0.1  # stochastic depth rate (DeiT-Tiny/-Small: 0.1); passed to the model, not saved with it
+    drop_path: float = (
+        0.1  # stochastic depth rate (DeiT-Tiny/-Small: 0.1); passed to the model, not saved with it
+    )
 
 
 @dataclass
 class MoEConfig:
     router_loss_weight: float = 0.3  # the paper: L = L_cls + 0.3 * CE(router logits, super-class)
     balance_loss_weight: float = 0.01  # V-MoE importance loss, used only without a super-class map
-    superclasses: str | None = None  # superclasses.json (assignment: super-class of each class); --superclasses
+    superclasses: str | None = (
+        None  # superclasses.json (assignment: super-class of each class); --superclasses
+    )
 
 
 @dataclass
@@ -96,7 +104,9 @@ class CheckpointConfig:
 class Config:
     name: str = "custom"  # preset name; the default run directory is runs/<name>-<model>
     model: str = "mobile_vit_tiny_patch16_224"  # timm name of a mobile_vit_* (dense) or mobile_vmoe_* model
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # to timm.create_model; num_classes from data if absent
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # to timm.create_model; num_classes from data if absent
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 1024  # global (all ranks); DeiT: 1024
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -105,7 +115,9 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     amp: str = "auto"  # auto: bf16 autocast on CUDA, off on CPU | bf16 | fp16 (with GradScaler) | off
-    ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3); the final RUN/model.safetensors is the EMA
+    ema: bool = (
+        False  # keep an EMA of the weights (timm ModelEmaV3); the final RUN/model.safetensors is the EMA
+    )
     ema_decay: float = 0.99996  # DeiT's value (per step at batch 1024)
     compile: bool = False  # torch.compile the training forward
     seed: int = 0

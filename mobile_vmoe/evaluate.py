@@ -30,10 +30,16 @@ def load_assignment(path: str | os.PathLike[str], num_classes: int) -> list[int]
     """The ``assignment`` list of a superclasses.json: super-class index of each of the C classes."""
     obj = read_json(path, "super-class map")
     a = obj.get("assignment") if isinstance(obj, dict) else None
-    if not isinstance(a, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in a):
-        raise UserError(f"{path}: 'assignment' must be a list of integers >= 0 (the super-class of each class)")
+    if not isinstance(a, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in a
+    ):
+        raise UserError(
+            f"{path}: 'assignment' must be a list of integers >= 0 (the super-class of each class)"
+        )
     if len(a) != num_classes:
-        raise UserError(f"{path}: 'assignment' has {len(a)} entries, but the data/model has {num_classes} classes")
+        raise UserError(
+            f"{path}: 'assignment' has {len(a)} entries, but the data/model has {num_classes} classes"
+        )
     return a
 
 
@@ -89,7 +95,9 @@ def eval_counts(
             idx = routing.expert_idx.cpu()  # [B, K]
             t = targets.cpu()
             K = idx.shape[1]
-            c["class_expert"].index_put_((t.repeat_interleave(K), idx.reshape(-1)), torch.ones(1, dtype=torch.int64), accumulate=True)
+            c["class_expert"].index_put_(
+                (t.repeat_interleave(K), idx.reshape(-1)), torch.ones(1, dtype=torch.int64), accumulate=True
+            )
             first = idx[:, 0]
             c["expert_n"] += torch.bincount(first, minlength=E)
             c["expert_correct"] += torch.bincount(first, weights=hit1.double(), minlength=E).long()
@@ -209,7 +217,9 @@ def evaluate(
         "class_names": meta.class_names,
     }
     if result["is_moe"]:
-        result.update(num_experts=model.num_experts, top_k=model.top_k, superclasses=str(sc_path) if sc_path else None)
+        result.update(
+            num_experts=model.num_experts, top_k=model.top_k, superclasses=str(sc_path) if sc_path else None
+        )
     if json_out is not None:
         write_json_atomic(json_out, result)
     return result
@@ -251,8 +261,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 of a trained model; routing statistics for a MoE")
     p.add_argument("--checkpoint", required=True, help="model .safetensors, run dir or checkpoint dir")
     p.add_argument("--data", default=None, help="dataset dir (default: the checkpoint's extra.data_dir)")
-    p.add_argument("--split", choices=("val", "heldout"), default="val", help="val/ images or RUN/heldout.txt")
-    p.add_argument("--file-list", default=None, help="evaluate these images instead (relative/path<TAB>class)")
+    p.add_argument(
+        "--split", choices=("val", "heldout"), default="val", help="val/ images or RUN/heldout.txt"
+    )
+    p.add_argument(
+        "--file-list", default=None, help="evaluate these images instead (relative/path<TAB>class)"
+    )
     p.add_argument("--superclasses", default=None, help="superclasses.json for the router accuracy (MoE)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)

@@ -319,8 +319,15 @@ def train(cfg: Config) -> Path:
 
     import mobile_vmoe.models  # noqa: F401  (registers the model names)
 
-    from .data import ImageListDataset, collate_skip_bad, heldout_split, prepare_dataset, read_file_list
-    from .data import scan_dataset, write_file_list
+    from .data import (
+        ImageListDataset,
+        collate_skip_bad,
+        heldout_split,
+        prepare_dataset,
+        read_file_list,
+        scan_dataset,
+        write_file_list,
+    )
 
     rank, world, local_rank = _dist_env()
     main = rank == 0
@@ -537,7 +544,11 @@ def train(cfg: Config) -> Path:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         find_unused = is_moe if cfg.ddp_find_unused is None else cfg.ddp_find_unused
-        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+        fwd = DDP(
+            fwd,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
+        )
     if cfg.compile:
         fwd = torch.compile(fwd)
 
@@ -613,7 +624,13 @@ def train(cfg: Config) -> Path:
             ep["expert_load"] = torch.zeros(E, dtype=torch.int64)
         win: dict[str, float] = {}
         win_n, win_images, t_win = 0, 0, time.perf_counter()
-        pbar = tqdm(total=spe, initial=b0, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", disable=None if main else True, leave=False)
+        pbar = tqdm(
+            total=spe,
+            initial=b0,
+            desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}",
+            disable=None if main else True,
+            leave=False,
+        )
         batch_iter = iter(loader)  # draws a seed from the global RNG: re-seed after it, as after every step
         _reseed(cfg.seed, rank, step)
         for images, targets, n_bad in batch_iter:
@@ -630,7 +647,9 @@ def train(cfg: Config) -> Path:
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 scheduler.step_update(num_updates=step)
-                parts = train_step(fwd, optimizer, images, targets, objective, mixup, amp_dtype, scaler, o.clip_grad, zero)
+                parts = train_step(
+                    fwd, optimizer, images, targets, objective, mixup, amp_dtype, scaler, o.clip_grad, zero
+                )
                 if ema is not None:
                     ema.update(model, step=step)
                 if not zero:
@@ -645,7 +664,9 @@ def train(cfg: Config) -> Path:
                         if v.ndim == 0 and k != "router_correct":
                             win[k] = win.get(k, 0.0) + float(v)
                     if "router_correct" in parts:
-                        win["router_acc"] = win.get("router_acc", 0.0) + float(parts["router_correct"]) / len(targets)
+                        win["router_acc"] = win.get("router_acc", 0.0) + float(parts["router_correct"]) / len(
+                            targets
+                        )
                     win_n += 1
                     win_images += len(targets)
             step += 1
@@ -655,7 +676,9 @@ def train(cfg: Config) -> Path:
                 dt = time.perf_counter() - t_win
                 rec = {"kind": "train", "step": step, "epoch": epoch + (step - epoch * spe) / spe}
                 rec.update({k: v / max(win_n, 1) for k, v in win.items()})
-                rec.update(lr=optimizer.param_groups[0]["lr"], images_per_s=win_images * world / max(dt, 1e-9))
+                rec.update(
+                    lr=optimizer.param_groups[0]["lr"], images_per_s=win_images * world / max(dt, 1e-9)
+                )
                 rec["skipped"] = int(ep["skipped"])
                 emit(rec)
                 if main:
@@ -670,7 +693,12 @@ def train(cfg: Config) -> Path:
 
         # ---- end of epoch (or of a max_steps run): metrics, evaluation, checkpoint ---------------------------
         ep = _all_reduce(ep, device, world)
-        rec = {"kind": "epoch", "step": step, "epoch": step / spe, "train_loss": float(ep["loss"]) / max(int(ep["steps"]), 1)}
+        rec = {
+            "kind": "epoch",
+            "step": step,
+            "epoch": step / spe,
+            "train_loss": float(ep["loss"]) / max(int(ep["steps"]), 1),
+        }
         rec["train_skipped"] = int(ep["skipped"])
         if is_moe:
             rec["train_expert_load"] = ep["expert_load"].tolist()

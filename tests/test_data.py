@@ -291,9 +291,13 @@ def test_prepare_dataset_reuses_and_rebuilds(tmp_path):
     assert prepare_dataset("synthetic", tmp_path, seed=5, **kw) == d
     assert not (d / "sentinel").exists() and not (d / "half").exists() and _digest(d) == digest
 
-    d4 = prepare_dataset("synthetic", tmp_path, seed=5, **{**kw, "train_per_class": 4})  # other params: beside
+    d4 = prepare_dataset(
+        "synthetic", tmp_path, seed=5, **{**kw, "train_per_class": 4}
+    )  # other params: beside
     assert d4 != d and len(scan_dataset(d4).train) == 4 * 4 and len(scan_dataset(d).train) == 3 * 4
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted([d.name, d4.name])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(
+        [d.name, d4.name]
+    )
 
     assert prepare_dataset(str(d)) == d  # an existing directory is used as is
     with pytest.raises(UserError, match="not a built-in dataset"):
