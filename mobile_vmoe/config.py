@@ -24,7 +24,7 @@ import yaml
 
 from .common import UserError
 
-__all__ = ["Config", "load_config", "list_presets", "config_to_dict", "dump_yaml"]
+__all__ = ["Config", "load_config", "load_structured", "list_presets", "config_to_dict", "dump_yaml"]
 
 
 @dataclass
@@ -133,12 +133,14 @@ class Config:
 PRESET_PACKAGE = "mobile_vmoe"  # presets are package data: mobile_vmoe/configs/*.yaml
 
 
-def _preset_dir() -> Any:
-    return resources.files(PRESET_PACKAGE) / "configs"
+def _preset_dir(kind: str = "") -> Any:
+    d = resources.files(PRESET_PACKAGE) / "configs"
+    return d / kind if kind else d
 
 
-def list_presets() -> list[str]:
-    files = _preset_dir().iterdir()
+def list_presets(kind: str = "") -> list[str]:
+    """Preset names: training presets, or with ``kind="pipeline"`` the pipeline presets (configs/pipeline/)."""
+    files = _preset_dir(kind).iterdir()
     return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml") and not f.name.startswith("_"))
 
 
@@ -154,12 +156,14 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     return obj
 
 
-def _load_source(preset_or_file: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+def _load_source(
+    preset_or_file: str, seen: tuple[str, ...] = (), kind: str = ""
+) -> tuple[dict[str, Any], str]:
     """YAML of a preset name or file, with ``inherit`` resolved (the child's keys win). Returns (dict, name)."""
     if preset_or_file in seen:
         raise UserError(f"config {preset_or_file!r}: inherit cycle {' -> '.join((*seen, preset_or_file))}")
     path = Path(preset_or_file)
-    pkg = _preset_dir() / f"{preset_or_file}.yaml"
+    pkg = _preset_dir(kind) / f"{preset_or_file}.yaml"
     if preset_or_file.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
@@ -168,12 +172,12 @@ def _load_source(preset_or_file: str, seen: tuple[str, ...] = ()) -> tuple[dict[
         obj, name = _read_yaml(pkg.read_text(), f"preset {preset_or_file}"), preset_or_file
     else:
         raise UserError(
-            f"config {preset_or_file!r}: neither a preset ({', '.join(list_presets())}) nor a YAML file"
+            f"config {preset_or_file!r}: neither a preset ({', '.join(list_presets(kind))}) nor a YAML file"
         )
     parent = obj.pop("inherit", None)
     if parent is None:
         return obj, name
-    base, _ = _load_source(str(parent), (*seen, preset_or_file))
+    base, _ = _load_source(str(parent), (*seen, preset_or_file), kind)
     return _merge(base, obj), name
 
 
@@ -233,6 +237,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return tuple(_coerce(v, args[0], key) for v in value)
             if len(value) == len(args):
                 return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
@@ -268,7 +275,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _apply_override(d: dict[str, Any], item: str) -> None:
+def _apply_override(d: dict[str, Any], item: str, root: type | None = None) -> None:
     if "=" not in item:
         raise UserError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-3)")
     key, raw = item.split("=", 1)
@@ -278,7 +285,7 @@ def _apply_override(d: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw  # a plain string YAML cannot parse, e.g. "a: b"
     # Walk the dataclass tree to validate the key; dict-typed fields (model_kwargs, ...) accept any sub-key.
-    cls: Any = Config
+    cls: Any = root or Config
     node = d
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -303,7 +310,7 @@ def _apply_override(d: dict[str, Any], item: str) -> None:
         raise UserError(f"override {item!r}: {'.'.join(parts[: i + 1])} has no sub-keys")
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
+def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict (lists for tuples): what RUN/config.yaml and state.pt hold."""
 
     def plain(x: Any) -> Any:
@@ -316,17 +323,24 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def load_config(preset_or_file: str, overrides: typing.Sequence[str] = ()) -> Config:
-    """Preset name (see ``list_presets()``) or YAML file, then ``key=value`` overrides applied in order."""
-    d, name = _load_source(preset_or_file)
+def load_structured(
+    cls: type, preset_or_file: str, overrides: typing.Sequence[str] = (), kind: str = ""
+) -> Any:
+    """A dataclass ``cls`` (with a ``name`` field) from a preset of ``kind`` or a YAML file, then overrides."""
+    d, name = _load_source(preset_or_file, kind=kind)
     d = _merge({"name": name}, d)
     for item in overrides:
-        _apply_override(d, item)
-    cfg = _build(Config, d)
+        _apply_override(d, item, cls)
+    return _build(cls, d)
+
+
+def load_config(preset_or_file: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Preset name (see ``list_presets()``) or YAML file, then ``key=value`` overrides applied in order."""
+    cfg = load_structured(Config, preset_or_file, overrides)
     if not cfg.out:
         cfg.out = str(Path("runs") / f"{cfg.name}-{cfg.model}")
     return cfg
 
 
-def dump_yaml(cfg: Config) -> str:
+def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,329 @@
+"""The pipeline's last stage: OUT/report.md and OUT/report.html (plots in OUT/report_files/).
+
+Everything is read back from the files the earlier stages wrote (stage markers, run directories, eval JSONs,
+super-class map, export sidecars, bench results); no number is computed from anything but those files and
+the checkpoints themselves (for params / FLOPs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import atomic_path, read_json, write_text_atomic
+
+__all__ = ["write_report"]
+
+FILES = "report_files"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> str:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return f"{FILES}/{path.name}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def _epochs(run: Path) -> list[dict[str, Any]]:
+    f = run / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in recs if r.get("kind") == "epoch"}  # a resumed run may repeat an epoch
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _dataset_grid(data_dir: Path, figdir: Path, superclasses: list[int] | None) -> str:
+    """Up to 10 rows x 10 columns of training images, one per class, classes of a super-class on one row."""
+    from PIL import Image
+
+    from .data import scan_dataset
+
+    index = scan_dataset(data_dir)
+    first: dict[int, str] = {}
+    for s in index.train:
+        first.setdefault(s.target, s.path)
+    C = len(index.class_names)
+    if superclasses is not None and len(superclasses) == C:
+        rows = [[c for c in range(C) if superclasses[c] == g] for g in sorted(set(superclasses))]
+    else:
+        rows = [list(range(i, min(i + 10, C))) for i in range(0, C, 10)]
+    rows = [r[:10] for r in rows[:10]]
+    ncol = max(len(r) for r in rows)
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.1 * ncol, 1.1 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, row in enumerate(rows):
+        for j, c in enumerate(row):
+            with Image.open(data_dir / first[c]) as im:
+                axes[i, j].imshow(np.asarray(im.convert("RGB")))
+    fig.suptitle("one training image per class (rows: super-classes)" if superclasses else "training images")
+    return _save(fig, figdir / "dataset.png")
+
+
+def _accuracy_plot(runs: dict[str, list[dict[str, Any]]], figdir: Path) -> str | None:
+    if not any(runs.values()):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, eps in runs.items():
+        xs = [r["epoch"] for r in eps if "val_top1" in r]
+        ys = [100 * r["val_top1"] for r in eps if "val_top1" in r]
+        if xs:
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("validation top-1 during training")
+    return _save(fig, figdir / "accuracy.png")
+
+
+def _routing_plot(ev: dict[str, Any], assignment: list[int] | None, figdir: Path) -> str:
+    counts = np.asarray(ev["class_expert_counts"], dtype=float)  # [C, E]
+    order = np.argsort(np.asarray(assignment), kind="stable") if assignment else np.arange(len(counts))
+    frac = counts[order] / np.maximum(counts[order].sum(axis=1, keepdims=True), 1)
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [3, 2]})
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("class (grouped by super-class)" if assignment else "class")
+    ax.set_title("share of each class's images routed to each expert")
+    fig.colorbar(im, ax=ax)
+    load = np.asarray(ev["expert_load"], dtype=float)
+    ax2.bar(np.arange(len(load)), load / max(load.sum(), 1))
+    ax2.axhline(1 / len(load), color="k", ls="--", lw=1, label="uniform")
+    ax2.set_xlabel("expert")
+    ax2.set_ylabel("share of routed images")
+    ax2.set_title("expert load (validation)")
+    ax2.legend()
+    return _save(fig, figdir / "routing.png")
+
+
+def _latency_plot(rows: list[dict[str, Any]], figdir: Path) -> str | None:
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["p50"] for r in rows], 0.4, label="p50")
+    ax.bar(x + 0.2, [r["p90"] for r in rows], 0.4, label="p90")
+    ax.set_xticks(x, [r["artifact"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("ms per image (batch 1)")
+    ax.set_title("host latency")
+    ax.legend()
+    return _save(fig, figdir / "latency.png")
+
+
+def _size(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Build report.md / report.html for the pipeline directory ``out`` from the files its stages wrote."""
+    import markdown
+
+    from .checkpoint import load_model
+    from .models import profile_model
+
+    out = Path(out)
+    figdir = out / FILES
+    figdir.mkdir(parents=True, exist_ok=True)
+    stage = {p.stem: read_json(p) for p in sorted((out / "stages").glob("*.json"))}
+    cfg_text = (out / "pipeline.yaml").read_text() if (out / "pipeline.yaml").is_file() else ""
+    data_dir = Path(stage["data"]["data_dir"])
+    ds_meta = read_json(data_dir / "dataset.json") if (data_dir / "dataset.json").is_file() else {}
+    generated = ds_meta.get("name") == "synthetic"
+    sc_file = out / "superclasses" / "superclasses.json"
+    sc = read_json(sc_file) if sc_file.is_file() else {}
+    truth_file = data_dir / "superclasses_true.json"
+    truth = read_json(truth_file)["assignment"] if truth_file.is_file() else None
+
+    md: list[str] = [f"# Mobile V-MoE pipeline report: {out.name}", ""]
+    if generated:
+        md += [
+            "> **Results on generated data.** The built-in synthetic hierarchical dataset stands in for ImageNet; "
+            "these numbers say the pipeline works end to end, not how the method does on ImageNet-1k.",
+            "",
+        ]
+    # ---- dataset -------------------------------------------------------------------------------------------
+    d = stage["data"]
+    held = (
+        sum(1 for _ in open(out / "dense" / "heldout.txt"))
+        if (out / "dense" / "heldout.txt").is_file()
+        else 0
+    )
+    md += ["## Dataset", ""]
+    md += [
+        f"`{data_dir}`" + (f" ({ds_meta.get('name')}, seed {ds_meta.get('seed')})" if ds_meta else ""),
+        "",
+        "| classes | train images | of which held out (confusion matrix) | val images |",
+        "|---:|---:|---:|---:|",
+        f"| {d['num_classes']} | {d['train']} | {held} | {d['val']} |",
+        "",
+        f"![dataset]({_dataset_grid(data_dir, figdir, truth or sc.get('assignment'))})",
+        "",
+    ]
+    # ---- models --------------------------------------------------------------------------------------------
+    evals = {
+        w: read_json(out / "eval" / f"{w}.json")
+        for w in ("dense", "moe")
+        if (out / "eval" / f"{w}.json").is_file()
+    }
+    md += [
+        "## Models",
+        "",
+        "| | model | routing | params | active params / image | FLOPs / image |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for w in ("dense", "moe"):
+        f = out / w / "model.safetensors"
+        if not f.is_file():
+            continue
+        m, meta = load_model(f)
+        p = profile_model(m, (3, *m.patch_embed.img_size))
+        kind = f"E={m.num_experts}, K={m.top_k}, last L={m.num_moe_layers} blocks" if m.is_moe else "dense"
+        md.append(
+            f"| {w} | `{meta.model}` ({meta.model_kwargs.get('depth', 12)} blocks) | {kind} | {p.params / 1e6:.3f} M "
+            f"| {p.active_params / 1e6:.3f} M | {p.flops / 1e6:.2f} M |"
+        )
+    md.append("")
+    # ---- accuracy ------------------------------------------------------------------------------------------
+    if evals:
+        md += ["## Accuracy", "", "| | top-1 | top-5 | images |", "|---|---:|---:|---:|"]
+        for w, ev in evals.items():
+            md.append(f"| {w} | {_pct(ev['top1'])} | {_pct(ev['top5'])} | {ev['num_images']} |")
+        if len(evals) == 2:
+            delta = 100 * (evals["moe"]["top1"] - evals["dense"]["top1"])
+            md += ["", f"MoE − dense top-1: **{delta:+.2f} points** at (nearly) equal FLOPs per image."]
+        plot = _accuracy_plot({w: _epochs(out / w) for w in ("dense", "moe")}, figdir)
+        md += ["", f"![accuracy]({plot})" if plot else "", ""]
+    # ---- super-classes -------------------------------------------------------------------------------------
+    if sc:
+        md += ["## Super-classes", ""]
+        md += [
+            f"{sc.get('num_superclasses')} super-classes of sizes {sc.get('sizes')} from the dense model's "
+            f"held-out confusion matrix ({stage.get('confusion', {}).get('heldout_images', '?')} images), "
+            f"algorithm `{sc.get('algorithm')}`; {_pct(sc.get('within_mass'))} of the off-diagonal confusion "
+            "falls within a super-class.",
+        ]
+        if sc.get("ari_vs_truth") is not None:
+            md.append(
+                f"Agreement with the generator's true super-classes: adjusted Rand index **{sc['ari_vs_truth']:.3f}**."
+            )
+        md += ["", "![super-classes](superclasses/superclasses.png)", "", "Classes of each super-class: "
+               "[superclasses/superclasses.md](superclasses/superclasses.md)", ""]  # fmt: skip
+    # ---- routing -------------------------------------------------------------------------------------------
+    ev = evals.get("moe")
+    if ev and ev.get("class_expert_counts"):
+        md += ["## Routing", ""]
+        if ev.get("router_accuracy") is not None:
+            md.append(
+                f"Router accuracy against the super-classes (validation): **{_pct(ev['router_accuracy'])}**."
+            )
+        acc = ", ".join(f"{e}: {_pct(a)}" for e, a in enumerate(ev["expert_accuracy"]))
+        md += [f"Top-1 of the images each expert was chosen for: {acc}.", ""]
+        md += [f"![routing]({_routing_plot(ev, sc.get('assignment'), figdir)})", ""]
+    # ---- latency and artifacts -----------------------------------------------------------------------------
+    rows = []
+    for res in sorted((out / "bench").glob("*.json")):
+        doc = read_json(res)
+        s = doc["stats"]
+        rows.append({
+            "artifact": res.name[: -len(".json")], "runtime": f"{doc['runtime']['name']} {doc['runtime']['version']}",
+            "backend": doc["backend"]["name"], "precision": doc.get("precision") or "n/a",
+            "p50": s["p50"], "p90": s["p90"], "n": s["count"],
+        })  # fmt: skip
+    if rows:
+        md += [
+            "## Host latency (batch 1)",
+            "",
+            f"Device: {read_json(next((out / 'bench').glob('*.json')))['device']['model']}.",
+            "",
+        ]
+        md += [
+            "| artifact | runtime | backend | precision | runs | p50 ms | p90 ms |",
+            "|---|---|---|---|---:|---:|---:|",
+        ]
+        for r in rows:
+            md.append(
+                f"| {r['artifact']} | {r['runtime']} | {r['backend']} | {r['precision']} | {r['n']} | {r['p50']:.3f} | {r['p90']:.3f} |"
+            )
+        by = {r["artifact"]: r for r in rows}
+        ratios = [
+            f"{a.replace('dense', '')}: {by[a.replace('dense', 'moe')]['p50'] / by[a]['p50']:.3f}"
+            for a in by
+            if a.startswith("dense") and a.replace("dense", "moe") in by
+        ]
+        if ratios:
+            md += ["", "MoE / dense p50 latency per artifact kind — " + ", ".join(ratios) + "."]
+        md += ["", f"![latency]({_latency_plot(rows, figdir)})", ""]
+    arts = sorted(p for p in (out / "export").glob("*") if p.suffix in (".pte", ".onnx", ".mlpackage"))
+    if arts:
+        md += ["## Artifacts", "", "| file | size | precision | verified on | images | max abs diff | top-1 agreement |",
+               "|---|---:|---|---|---:|---:|---:|"]  # fmt: skip
+        for a in arts:
+            side = read_json(a.with_name(a.name + ".json")) if a.with_name(a.name + ".json").is_file() else {}
+            par = side.get("parity", {})
+            where = par.get("runtime") or par.get("status", "")
+            if a.suffix == ".mlpackage" and side.get("mil_structure"):
+                where = "MIL structure checked here; numerics pending on macOS"
+            diff = par.get("max_abs_diff")
+            md.append(
+                f"| `export/{a.name}` | {_size(a) / 1e6:.2f} MB | {side.get('precision', '?')} | {where} | "
+                f"{par.get('n_images', 0)} | {'' if diff is None else f'{diff:.2e}'} | {_pct(par.get('top1_agreement')) if par.get('top1_agreement') is not None else ''} |"
+            )
+        failed = stage.get("export", {}).get("failed_verification") or {}
+        for name, why in failed.items():
+            md.append(f"\n`{name}` was not written: {why}")
+        md.append("")
+    # ---- provenance ----------------------------------------------------------------------------------------
+    md += ["## Stages", "", "| stage | seconds |", "|---|---:|"]
+    md += [f"| {k} | {v.get('seconds', '')} |" for k, v in stage.items() if k != "report"]
+    md += ["", "Every number above was read from the files of this run directory.", ""]
+    if cfg_text:
+        md += [
+            "<details><summary>pipeline.yaml</summary>",
+            "",
+            "```yaml",
+            cfg_text.rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+
+    text = "\n".join(md)
+    md_path, html_path = out / "report.md", out / "report.html"
+    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
+    html = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Mobile V-MoE report</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+        "blockquote{background:#fff4d6;margin:0;padding:.5em 1em}</style></head><body>"
+        + body
+        + "</body></html>"
+    )
+    write_text_atomic(md_path, text)
+    write_text_atomic(html_path, html)
+    return {"markdown": md_path, "html": html_path}
