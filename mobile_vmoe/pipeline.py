@@ -321,7 +321,7 @@ class _Pipeline:
         exported = _done(self.out, "export") or {}
         images = self._bench_images()
         results = {}
-        for which, fmt, _quant, path in self._artifacts():
+        for _which, fmt, _quant, path in self._artifacts():
             if fmt == "coreml" or path.name not in exported.get("artifacts", {}):
                 continue  # Core ML predicts only on Apple hardware: ios_bench/
             log.info("[bench] %s", path.name)
@@ -369,6 +369,8 @@ class _Pipeline:
         if self.rank == 0:
             self._check_config(start)
         for stage in STAGES:
+            if self.rank != 0 and STAGES.index(stage) > STAGES.index("moe"):
+                return  # eval, export, bench and report are rank 0's
             marker = _marker(out, stage)
             if marker.is_file():
                 if self.rank == 0:
