@@ -24,7 +24,7 @@ import yaml
 
 from .common import UserError
 
-__all__ = ["Config", "load_config", "load_structured", "list_presets", "config_to_dict", "dump_yaml"]
+__all__ = ["Config", "load_config", "model_kwargs", "load_structured", "list_presets", "config_to_dict", "dump_yaml"]
 
 
 @dataclass
@@ -104,9 +104,9 @@ class CheckpointConfig:
 class Config:
     name: str = "custom"  # preset name; the default run directory is runs/<name>-<model>
     model: str = "mobile_vit_tiny_patch16_224"  # timm name of a mobile_vit_* (dense) or mobile_vmoe_* model
-    model_kwargs: dict[str, Any] = field(
-        default_factory=dict
-    )  # to timm.create_model; num_classes from data if absent
+    # to timm.create_model (num_classes from the data if absent); moe_kwargs are added for mobile_vmoe_* only
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    moe_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 1024  # global (all ranks); DeiT: 1024
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -340,6 +340,12 @@ def load_config(preset_or_file: str, overrides: typing.Sequence[str] = ()) -> Co
     if not cfg.out:
         cfg.out = str(Path("runs") / f"{cfg.name}-{cfg.model}")
     return cfg
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """``model_kwargs``, plus ``moe_kwargs`` when ``cfg.model`` is a Mobile V-MoE: one preset serves both models."""
+    moe = cfg.model.startswith("mobile_vmoe_")
+    return {**cfg.model_kwargs, **(cfg.moe_kwargs if moe else {})}
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import UserError, read_json, write_json_atomic, write_text_atomic
-from .config import config_to_dict, dump_yaml, list_presets, load_config, load_structured
+from .config import config_to_dict, dump_yaml, list_presets, load_config, load_structured, model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,8 @@ class _Pipeline:
                 )
             if not tcfg.data.spec:
                 raise UserError("pipeline config data: no dataset (set data=DIR or use --data)")
-        dense = timm.create_model(c.dense_model, **self.train_config("dense").model_kwargs)
-        moe = timm.create_model(c.moe_model, **self.train_config("moe").model_kwargs)
+        dense = timm.create_model(c.dense_model, **model_kwargs(self.train_config("dense")))
+        moe = timm.create_model(c.moe_model, **model_kwargs(self.train_config("moe")))
         if getattr(dense, "is_moe", False) or not getattr(moe, "is_moe", False):
             raise UserError(
                 "pipeline config: dense_model must be a mobile_vit_* and moe_model a mobile_vmoe_* model"
@@ -250,7 +250,7 @@ class _Pipeline:
 
         from .superclasses import find_superclasses
 
-        moe = timm.create_model(self.cfg.moe_model, **self.train_config("moe").model_kwargs)
+        moe = timm.create_model(self.cfg.moe_model, **model_kwargs(self.train_config("moe")))
         classes = read_json(self.out / "confusion" / "classes.json")
         res = find_superclasses(
             self.out / "superclasses",

@@ -55,7 +55,7 @@ from torch import nn
 
 from .checkpoint import MODEL_FILE, ModelMeta, save_model
 from .common import UserError, atomic_path, write_text_atomic
-from .config import Config, config_to_dict, dump_yaml, load_config
+from .config import Config, config_to_dict, dump_yaml, load_config, model_kwargs
 from .evaluate import eval_counts, load_assignment, summarize_counts
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def _validate_superclasses(cfg: Config, model: nn.Module, class_names: list[str]
     if S != model.num_experts:
         raise UserError(
             f"{path}: {S} super-classes, but {cfg.model} has E={model.num_experts} experts; the super-class "
-            f"router loss needs E == S (set model_kwargs.num_experts={S})"
+            f"router loss needs E == S (set moe_kwargs.num_experts={S})"
         )
     return assignment
 
@@ -356,23 +356,23 @@ def train(cfg: Config) -> Path:
     data_dir = prepare_dataset(cfg.data.spec, root=cfg.data.root, seed=ds_seed, **ds_kwargs).absolute()
     index = scan_dataset(data_dir)
     C = len(index.class_names)
-    want_C = cfg.model_kwargs.get("num_classes")
+    want_C = model_kwargs(cfg).get("num_classes")
     if want_C is not None and want_C != C:
         raise UserError(
             f"{data_dir / 'train'}: {C} class folders, but model_kwargs.num_classes={want_C}; "
             f"fix the data or drop num_classes to take it from the data"
         )
-    model_kwargs = {**cfg.model_kwargs, "num_classes": C}
+    kwargs = {**model_kwargs(cfg), "num_classes": C}
     if cfg.data.image_size:
-        if model_kwargs.setdefault("img_size", cfg.data.image_size) != cfg.data.image_size:
+        if kwargs.setdefault("img_size", cfg.data.image_size) != cfg.data.image_size:
             raise UserError(
-                f"data.image_size={cfg.data.image_size} but model_kwargs.img_size={model_kwargs['img_size']}"
+                f"data.image_size={cfg.data.image_size} but model_kwargs.img_size={kwargs['img_size']}"
             )
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
-        model = timm.create_model(cfg.model, drop_path_rate=cfg.aug.drop_path, **model_kwargs)
+        model = timm.create_model(cfg.model, drop_path_rate=cfg.aug.drop_path, **kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"cannot build {cfg.model} with model_kwargs {model_kwargs}: {e}") from None
+        raise UserError(f"cannot build {cfg.model} with model_kwargs {kwargs}: {e}") from None
     is_moe = bool(getattr(model, "is_moe", False))
     E = model.num_experts if is_moe else 0
     image_size = int(model.patch_embed.img_size[0])
@@ -497,7 +497,7 @@ def train(cfg: Config) -> Path:
 
     meta = ModelMeta(
         model=cfg.model,
-        model_kwargs=model_kwargs,
+        model_kwargs=kwargs,
         class_names=index.class_names,
         extra={
             "data_dir": str(data_dir),

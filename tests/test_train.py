@@ -202,7 +202,7 @@ def test_bad_input_fails_before_training(tmp_path, data_root, truth):
             train(cfg)
         assert not (tmp_path / "bad" / "checkpoints").exists()
 
-    fails("E=4 experts", "model_kwargs.num_experts=4", model=MOE, sc=str(truth))
+    fails("E=4 experts", "moe_kwargs.num_experts=4", model=MOE, sc=str(truth))
     fails("dense model", sc=str(truth))
     fails("9 class folders, but model_kwargs.num_classes=10", "model_kwargs.num_classes=10")
     fails("not a mobile_vit_", model="resnet18")
