@@ -1,1 +1,16 @@
-"""Export stage: ExecuTorch .pte, Core ML .mlpackage and ONNX, verified against eager PyTorch."""
+"""Export stage: ExecuTorch .pte, Core ML .mlpackage and ONNX, verified against eager PyTorch.
+
+    from mobile_vmoe.export import export_model
+    export_model("pte", "model.pte", checkpoint="runs/moe/model.safetensors", quantize="int8")
+
+Every export is run where it can run here (ExecuTorch runtime, ONNX Runtime) on real images and compared with
+eager PyTorch; Core ML, which cannot predict on Linux, is checked structurally (the MIL program gathers the
+stacked expert weights and holds no per-expert copies of the MLP). The artifact appears at its path only after
+the check passed, with a ``FILE.<ext>.json`` sidecar such as ``model.pte.json`` (model, routing, precision,
+parity, size, library versions; docs/FILES.md).
+CLI: ``mobile-vmoe export --checkpoint CKPT --format pte|coreml|onnx [--quantize int8] [--out FILE]``.
+"""
+
+from .core import DEFAULT_NUM_VERIFY, FORMATS, VerificationError, export_model
+
+__all__ = ["export_model", "VerificationError", "FORMATS", "DEFAULT_NUM_VERIFY"]

@@ -1,0 +1,301 @@
+"""Lowering and running one model in each format: ExecuTorch (.pte, XNNPACK), Core ML (.mlpackage), ONNX.
+
+These helpers do no verification and no file bookkeeping; ``mobile_vmoe.export.core.export_model`` does both.
+The benchmark (benchmarks/export_latency.py) uses them directly to lower models without the parity pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "lower_pte",
+    "PteRunner",
+    "export_onnx",
+    "OnnxRunner",
+    "convert_coreml",
+    "mil_op_stats",
+    "save_coreml",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ExecuTorch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
+    """Which edge ops went into XNNPACK subgraphs and which stay on ExecuTorch's portable kernels."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    delegated: dict[str, int] = {}
+    portable: dict[str, int] = {}
+    for name, b in sorted(info.delegation_by_operator.items()):
+        if name == "getitem":  # tuple unpacking, not a kernel
+            continue
+        if b.delegated:
+            delegated[name] = b.delegated
+        if b.non_delegated:
+            portable[name] = b.non_delegated
+    return {
+        "backend": "XnnpackBackend",
+        "num_delegated_subgraphs": info.num_delegated_subgraphs,
+        "delegated_ops": delegated,
+        "portable_ops": portable,
+    }
+
+
+INT8_OPS = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+INT8_SCHEME = (
+    "PT2E static int8 (XNNPACKQuantizer): linear + conv, symmetric per-channel weights, per-tensor activations "
+    "calibrated on real images; attention matmuls, residual adds, expert MLPs (index_select + bmm) stay fp32"
+)
+
+
+def lower_pte(
+    model: nn.Module,
+    example: torch.Tensor,
+    quantize: str | None = None,
+    calibration: Iterable[torch.Tensor] = (),
+) -> tuple[bytes, dict[str, Any]]:
+    """Eval-mode model -> (.pte bytes, delegation report). ``quantize="int8"``: PT2E static int8 with the
+    XNNPACK quantizer on linear and conv ops (per-channel symmetric weights, per-tensor activations), observers
+    calibrated on ``calibration`` ([1, 3, H, W] each). The expert MLPs (index_select + baddbmm) have no int8
+    pattern in the XNNPACK quantizer: they stay fp32.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with torch.no_grad():
+        ep = torch.export.export(model, (example,))
+        if quantize == "int8":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            # Linear and conv only: int8 residual adds/muls cost ViTs top-1 agreement (measured on the quick
+            # models: 90% with everything quantised, 100% with matmuls only) and save little time.
+            cfg = get_symmetric_quantization_config(is_per_channel=True)
+            quantizer = XNNPACKQuantizer()
+            for op in INT8_OPS:
+                quantizer.set_operator_type(op, cfg)
+            prepared = prepare_pt2e(ep.module(), quantizer)
+            n = 0
+            for x in calibration:
+                prepared(x)
+                n += 1
+            if n == 0:
+                raise ValueError("int8 quantization needs at least one calibration image")
+            ep = torch.export.export(convert_pt2e(prepared), (example,))
+        elif quantize is not None:
+            raise ValueError(f"unknown quantization {quantize!r}")
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    report = _delegation_report(edge.exported_program().graph_module)
+    return edge.to_executorch().buffer, report
+
+
+class PteRunner:
+    """A .pte loaded in the ExecuTorch runtime; its input shape is static (batch 1), so batches run per image."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from executorch.runtime import Runtime
+
+        self.program = Runtime.get().load_program(Path(path))
+        self.method = self.program.load_method("forward")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.method.execute([x[i : i + 1].contiguous()])[0] for i in range(x.shape[0])]
+        return torch.cat(outs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> None:
+    """torch.onnx dynamo export with a dynamic batch axis, weights inside the one file, then onnx's checker."""
+    import onnx
+
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            external_data=False,
+            verbose=False,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+class OnnxRunner:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Core ML
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _CoreMLWrapper(nn.Module):
+    """What the .mlpackage computes: optional 1/std scaling (ImageType has one scale for all channels, so it
+    carries 1/255 and -mean, and the per-channel 1/std lives here) and softmax, so that the classifier's
+    probability dictionary holds probabilities."""
+
+    def __init__(self, model: nn.Module, inv_std: torch.Tensor | None) -> None:
+        super().__init__()
+        self.model = model
+        self.scale = inv_std is not None
+        self.register_buffer(
+            "inv_std", inv_std.reshape(1, -1, 1, 1) if inv_std is not None else torch.ones(1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale:
+            x = x * self.inv_std
+        return self.model(x).softmax(dim=-1)
+
+
+def convert_coreml(
+    model: nn.Module,
+    input_size: tuple[int, int],
+    class_names: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    image_input: bool = True,
+    precision: str = "fp16",
+    weights: str | None = None,
+    palettize_bits: int | None = None,
+    target: str = "iOS17",
+) -> Any:
+    """Convert to an ML program (classifier with ``class_names``); returns the coremltools MLModel.
+
+    ``image_input``: an RGB ImageType whose scale/bias (and a per-channel 1/std multiply in the graph) apply the
+    model's normalisation, so apps pass pixels; else a float tensor already normalised as in PyTorch.
+    ``weights="int8"``: linear symmetric int8 weight quantisation; ``palettize_bits``: k-means palettisation.
+    """
+    import coremltools as ct
+
+    H, W = input_size
+    shape = (1, 3, H, W)
+    uniform_std = max(std) - min(std) < 1e-12
+    if image_input:
+        if uniform_std:  # everything fits in the ImageType's scale and bias
+            inv_std = None
+            scale = 1.0 / (255.0 * std[0])
+            bias = [-m / std[0] for m in mean]
+        else:
+            inv_std = torch.tensor([1.0 / s for s in std], dtype=torch.float32)
+            scale = 1.0 / 255.0
+            bias = [-m for m in mean]
+        inputs = [
+            ct.ImageType(name="image", shape=shape, scale=scale, bias=bias, color_layout=ct.colorlayout.RGB)
+        ]
+    else:
+        inv_std = None
+        inputs = [ct.TensorType(name="image", shape=shape, dtype=np.float32)]
+    wrapper = _CoreMLWrapper(model, inv_std).eval()
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, (torch.zeros(shape),)).run_decompositions({})
+    mlmodel = ct.convert(
+        ep,
+        convert_to="mlprogram",
+        inputs=inputs,
+        classifier_config=ct.ClassifierConfig(list(class_names)),
+        minimum_deployment_target=getattr(ct.target, target),
+        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+    )
+    if weights == "int8":
+        from coremltools.optimize.coreml import (
+            OpLinearQuantizerConfig,
+            OptimizationConfig,
+            linear_quantize_weights,
+        )
+
+        cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+        mlmodel = linear_quantize_weights(mlmodel, config=cfg)
+    elif weights is not None:
+        raise ValueError(f"unknown Core ML weight compression {weights!r}")
+    if palettize_bits:
+        from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
+
+        cfg = OptimizationConfig(global_config=OpPalettizerConfig(mode="kmeans", nbits=palettize_bits))
+        mlmodel = palettize_weights(mlmodel, config=cfg)
+    return mlmodel
+
+
+MATMUL_OPS = ("matmul", "linear")
+
+
+def mil_op_stats(mlmodel: Any, num_experts: int) -> dict[str, Any]:
+    """Walk the MIL program (nested blocks included): op counts, matmul-like op count, and the gather ops that
+    read a tensor with E rows (the stacked expert weights, possibly behind a decompression op)."""
+    counts: collections.Counter[str] = collections.Counter()
+    expert_gathers: list[dict[str, Any]] = []
+
+    def walk(block: Any) -> None:
+        for op in block.operations:
+            counts[op.op_type] += 1
+            if op.op_type.startswith("gather") and num_experts > 0:
+                x = op.inputs.get("x")
+                shp = tuple(int(d) for d in x.shape) if x is not None and x.shape is not None else ()
+                if len(shp) >= 2 and shp[0] == num_experts:
+                    expert_gathers.append(
+                        {"op": op.op_type, "source": x.op.op_type if x.op else "input", "shape": list(shp)}
+                    )
+            for b in op.blocks:
+                walk(b)
+
+    walk(mlmodel._mil_program.functions["main"])
+    return {
+        "op_counts": dict(sorted(counts.items())),
+        "matmul_ops": sum(counts[k] for k in MATMUL_OPS),
+        "expert_weight_gathers": expert_gathers,
+    }
+
+
+def save_coreml(mlmodel: Any, path: Path) -> None:
+    """Save to ``path`` exactly (coremltools appends .mlpackage to names without it, so stage, then rename)."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = stage / "model.mlpackage"
+        mlmodel.save(str(staged))
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def clean_op_name(name: str) -> str:
+    """'aten_native_layer_norm_default' -> 'aten.native_layer_norm' for printing."""
+    name = re.sub(r"_(default|Tensor|Scalar|int|dim|dims|self|dim_int_list|tensor)$", "", name)
+    return name.replace("aten_", "aten.", 1)

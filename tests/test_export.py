@@ -1,0 +1,220 @@
+"""Export stage: every format for a tiny dense and a tiny MoE checkpoint, run in its real runtime (ExecuTorch,
+ONNX Runtime) or inspected (Core ML MIL program), int8, the --model path, and bad input / failed verification
+leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mobile_vmoe.export import VerificationError, export_model
+from mobile_vmoe.export.core import _model_geometry
+from safetensors.torch import save_file
+
+from mobile_vmoe.checkpoint import load_model
+from mobile_vmoe.cli import main
+from mobile_vmoe.common import UserError
+from mobile_vmoe.config import load_config
+from mobile_vmoe.train import train
+
+DENSE, MOE = "mobile_vit_nano_patch4_32", "mobile_vmoe_nano_patch4_32"
+EXT = {"pte": ".pte", "onnx": ".onnx", "coreml": ".mlpackage"}
+NUM_VERIFY = 24  # enough for the agreement figures; lowering, not verifying, is the slow part
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A dense and a MoE run of the quick preset (2 blocks, width 64, 16 px, 3 experts), ~3 s each."""
+    tmp = tmp_path_factory.mktemp("export_runs")
+    out = {}
+    for kind, name in (("dense", DENSE), ("moe", MOE)):
+        cfg = load_config(
+            "quick", [f"data.root={tmp / 'data'}", f"out={tmp / kind}", "threads=1", f"model={name}"]
+        )
+        out[kind] = train(cfg)
+    return out
+
+
+def only(d: Path) -> list[str]:
+    """Everything in d, hidden temporaries included (a failed export must leave none)."""
+    return sorted(p.name for p in d.iterdir())
+
+
+def verify_images(run: Path, n: int = 6) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and n real held-out images, normalised, read independently of the export stage."""
+    from PIL import Image
+
+    model, meta = load_model(run)
+    size, mean, std = _model_geometry(model, meta.extra)
+    data_dir = Path(meta.extra["data_dir"])
+    lines = Path(meta.extra["heldout_list"]).read_text().splitlines()[:n]
+    xs = []
+    for line in lines:
+        img = Image.open(data_dir / line.split("\t")[0]).convert("RGB").resize(size[::-1], Image.BICUBIC)
+        a = (np.asarray(img, dtype=np.float32) / 255 - mean) / std
+        xs.append(torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32)))
+    return model, torch.stack(xs)
+
+
+def run_artifact(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
+    if fmt == "pte":
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(path).load_method("forward")
+        return torch.cat([method.execute([x[i : i + 1].contiguous()])[0] for i in range(x.shape[0])])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+def coreml_class_labels(spec) -> list[str]:
+    """The class names held by the ML program's classify op (an immediate list of strings)."""
+    f = spec.mlProgram.functions["main"]
+    op = next(op for op in f.block_specializations[f.opset].operations if op.type == "classify")
+    values = op.inputs["classes"].arguments[0].value.immediateValue.list.values
+    return [v.immediateValue.tensor.strings.values[0] for v in values]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every format, dense and MoE
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("fmt", ["pte", "onnx", "coreml"])
+def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
+    out = tmp_path / f"m{EXT[fmt]}"
+    got = export_model(fmt, out, checkpoint=runs[kind], num_verify=NUM_VERIFY, verbose=False)
+    assert got == out and out.exists()
+    assert only(tmp_path) == [out.name, out.name + ".json"]
+    side = json.loads((tmp_path / (out.name + ".json")).read_text())
+    assert side["checkpoint"] == str((runs[kind] / "model.safetensors").resolve())  # what `bench` reads
+    assert side["model"] == (MOE if kind == "moe" else DENSE) and side["random_weights"] is False
+    assert side["is_moe"] is (kind == "moe")
+    net = load_model(runs[kind])[0]
+    routing = {"E": net.num_experts, "K": net.top_k, "L": net.num_moe_layers}
+    assert side["routing"] == (routing if kind == "moe" else None) and (kind == "dense" or routing["E"] == 3)
+    assert side["file_size_bytes"] > 10_000 and torch.__version__.startswith(side["versions"]["torch"])
+    model, x = verify_images(runs[kind])
+    if fmt == "coreml":
+        assert side["precision"] == "fp16" and side["coreml"]["minimum_deployment_target"] == "iOS17"
+        s = side["mil_structure"]
+        ops = (s["moe"] if kind == "moe" else s["dense"])["op_counts"]
+        assert ops.get("linear", 0) + ops.get("matmul", 0) > 0
+        if kind == "moe":
+            # only the router's projection on top of the dense twin's matmuls: no per-expert copies
+            assert s["sparse_compute_preserved"] and s["extra_matmul_ops_over_dense"] == 1
+            shapes = [g["shape"][0] for g in s["moe"]["expert_weight_gathers"]]  # fc1, fc2 of each MoE block
+            assert len(shapes) >= 2 * routing["L"] and set(shapes) == {3}
+            assert (
+                ops.get("reduce_argmax", 0) + ops.get("topk", 0) >= 1
+            )  # the router's choice is in the program
+        import coremltools as ct
+
+        spec = ct.utils.load_spec(str(out))
+        assert (
+            spec.description.input[0].type.WhichOneof("Type") == "imageType"
+        )  # pixels in, normalised inside
+        assert spec.description.predictedFeatureName == "classLabel"
+        assert coreml_class_labels(spec) == load_model(runs[kind])[1].class_names
+        return
+    assert side["precision"] == "fp32"
+    p = side["parity"]
+    assert p["n_images"] >= NUM_VERIFY and p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
+    # The artifact on disk is what was verified: rerun it here against eager PyTorch.
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.allclose(run_artifact(fmt, out, x), ref, atol=1e-4)
+    if fmt == "pte":
+        d = side["delegation"]
+        assert d["backend"] == "XnnpackBackend" and d["num_delegated_subgraphs"] >= 1
+        assert d["delegated_ops"].get("aten_linear_default", 0) >= 1
+        assert isinstance(d["portable_ops"], dict)  # reported, even where empty
+
+
+def test_int8_pte_calibrated_and_agrees(runs, tmp_path):
+    out = tmp_path / "moe_int8.pte"
+    export_model("pte", out, checkpoint=runs["moe"], quantize="int8", num_verify=NUM_VERIFY, verbose=False)
+    side = json.loads((tmp_path / "moe_int8.pte.json").read_text())
+    assert side["precision"] == "int8" and side["quantization"]["calibration_images"] > 0
+    p = side["parity"]
+    assert p["min_top1_agreement"] == 0.99 and p["top1_agreement"] >= 0.99  # enforced: trained weights
+    dq = [k for k in side["delegation"]["delegated_ops"] if "quantize" in k]
+    assert dq, side["delegation"]  # int8 (de)quantize nodes went to XNNPACK
+
+
+def test_model_with_random_weights_through_cli(runs, tmp_path, capsys):
+    out = tmp_path / "rand.onnx"
+    data = load_model(runs["moe"])[1].extra["data_dir"]
+    code = main(
+        ["export", "--model", MOE, "--model-kwargs", "depth=2", "img_size=16", "num_experts=4",
+         "--format", "onnx", "--out", str(out), "--data", data, "--num-verify", "8"]
+    )  # fmt: skip
+    assert code == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    side = json.loads((tmp_path / "rand.onnx.json").read_text())
+    assert side["random_weights"] is True and side["checkpoint"] is None
+    assert side["model_kwargs"] == {"depth": 2, "img_size": 16, "num_experts": 4}
+    assert side["routing"] == {"E": 4, "K": 1, "L": 2} and side["parity"]["top1_agreement"] == 1.0
+    assert any("random weights" in n for n in side["notes"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input and failed verification: a clear error, nothing left behind
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_user_error_before_any_work(runs, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(UserError, match="checkpoint not found"):
+        export_model("pte", bad / "m.pte", checkpoint=tmp_path / "nope.safetensors")
+    other = bad / "other.safetensors"  # another architecture: right format tag, weights of something else
+    save_file(
+        {"fc.weight": torch.zeros(2, 2)},
+        str(other),
+        metadata={"format": "mobile-vmoe/1", "model": DENSE, "model_kwargs": "{}", "class_names": "[]"},
+    )
+    with pytest.raises(UserError, match="weights do not match"):
+        export_model("onnx", bad / "m.onnx", checkpoint=other)
+    foreign = bad / "foreign.safetensors"  # not ours at all
+    save_file({"w": torch.zeros(1)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="not a mobile-vmoe model file"):
+        export_model("onnx", bad / "m.onnx", checkpoint=foreign)
+    with pytest.raises(UserError, match="--format 'tflite'"):
+        export_model("tflite", bad / "m.tflite", checkpoint=runs["dense"])
+    with pytest.raises(UserError, match="must end in .pte"):
+        export_model("pte", bad / "m.onnx", checkpoint=runs["dense"])
+    blocker = bad / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        export_model("pte", blocker / "sub" / "m.pte", checkpoint=runs["dense"])
+    with pytest.raises(UserError, match="--model 'no_such_model'"):
+        export_model("onnx", bad / "m.onnx", model="no_such_model")
+    assert only(bad) == ["file", "foreign.safetensors", "other.safetensors"]
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--format", "onnx"]) == 2
+
+
+def test_failed_verification_leaves_nothing(runs, tmp_path, capsys):
+    out = tmp_path / "m.pte"
+    # int8 logits cannot match fp32 to 1e-6: the check must fail, and the artifact must not appear.
+    with pytest.raises(VerificationError, match="max abs difference"):
+        export_model(
+            "pte", out, checkpoint=runs["dense"], quantize="int8", atol=1e-6, num_verify=8, verbose=False
+        )
+    assert only(tmp_path) == []
+    code = main(
+        ["export", "--checkpoint", str(runs["dense"]), "--format", "pte", "--quantize", "int8", "--out", str(out),
+         "--num-verify", "8", "--atol", "1e-6"]
+    )  # fmt: skip
+    assert code == 1 and "verification failed, nothing written" in capsys.readouterr().err
+    assert only(tmp_path) == []
+    out.write_bytes(b"an older export")  # a failed re-export must not leave it standing in for the new one
+    out.with_name(out.name + ".json").write_text("{}")
+    assert main(["export", "--checkpoint", str(runs["dense"]), "--format", "pte", "--quantize", "int8", "--out",
+                 str(out), "--num-verify", "8", "--atol", "1e-6"]) == 1  # fmt: skip
+    assert only(tmp_path) == []
