@@ -64,13 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobile-vmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for module in STAGES.values():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # stage not written yet
-                continue
-            raise
-        mod.add_cli(sub)
+        importlib.import_module(module).add_cli(sub)
     return parser
 
 

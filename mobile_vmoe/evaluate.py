@@ -43,7 +43,8 @@ def load_assignment(path: str | os.PathLike[str], num_classes: int) -> list[int]
     return a
 
 
-def _forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def routed_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(logits, Routing)`` of a Mobile V-MoE, ``(logits, None)`` of a dense model."""
     fwr = getattr(model, "forward_with_routing", None)
     return fwr(images) if fwr is not None else (model(images), None)
 
@@ -83,7 +84,7 @@ def eval_counts(
             continue
         images, targets = images.to(device, non_blocking=True), targets.to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, routing = _forward(model, images)
+            logits, routing = routed_forward(model, images)
         logits = logits.float()
         top = logits.topk(k5, dim=1).indices  # [B, k5]
         hit1 = (top[:, 0] == targets).cpu()

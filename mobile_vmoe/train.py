@@ -56,7 +56,7 @@ from torch import nn
 from .checkpoint import MODEL_FILE, ModelMeta, save_model
 from .common import UserError, atomic_path, write_text_atomic
 from .config import Config, config_to_dict, dump_yaml, load_config, model_kwargs
-from .evaluate import eval_counts, load_assignment, summarize_counts
+from .evaluate import eval_counts, load_assignment, routed_forward, summarize_counts
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class RoutedForward(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        fwr = getattr(self.model, "forward_with_routing", None)
-        return fwr(x) if fwr is not None else (self.model(x), None)
+        return routed_forward(self.model, x)
 
 
 class Objective:
