@@ -24,7 +24,15 @@ import yaml
 
 from .common import UserError
 
-__all__ = ["Config", "load_config", "model_kwargs", "load_structured", "list_presets", "config_to_dict", "dump_yaml"]
+__all__ = [
+    "Config",
+    "load_config",
+    "model_kwargs",
+    "load_structured",
+    "list_presets",
+    "config_to_dict",
+    "dump_yaml",
+]
 
 
 @dataclass

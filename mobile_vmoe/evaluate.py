@@ -204,7 +204,9 @@ def evaluate(
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
     )
-    counts = eval_counts(model, loader, C, super_of=super_of)
+    # ImageNet's 50k val images want a GPU when there is one
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    counts = eval_counts(model.to(device), loader, C, super_of=super_of, device=device)
     if int(counts["n"]) == 0:
         raise UserError(f"none of the {len(samples)} images in {source} could be read")
     result: dict[str, Any] = {

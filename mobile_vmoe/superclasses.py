@@ -420,13 +420,14 @@ def heldout_confusion(
         collate_fn=collate_skip_bad,
     )
     y_true, y_pred, skipped = [], [], 0
-    model.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval().to(device)
     with torch.inference_mode():
         for images, targets, n_bad in loader:
             skipped += n_bad
             if len(targets) == 0:
                 continue
-            y_pred.append(model(images).argmax(dim=1).numpy())
+            y_pred.append(model(images.to(device)).argmax(dim=1).cpu().numpy())
             y_true.append(targets.numpy())
     if skipped:
         log.warning("skipped %d unreadable held-out image(s)", skipped)
