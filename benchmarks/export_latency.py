@@ -3,8 +3,8 @@
 Prints three ratios through the ExecuTorch runtime (XNNPACK), and (a), (b) again through ONNX Runtime:
     (a) MoE / dense at equal active width (ViT-Tiny, 224 px: mobile_vmoe_tiny vs mobile_vit_tiny)   goal <= 1.05
     (b) E=16 / E=4 experts (same MoE otherwise): sparse compute, latency must not grow with E         goal <= 1.05
-    (c) int8 / fp32 (.pte, the E=10 MoE)                                                              goal <= 0.70
-Weights are random (latency does not depend on them; the int8 observers are calibrated on random inputs).
+    (c) int8 / fp32 (.pte, the E=10 MoE), for both int8 schemes (default dynamic MLPs, int8-static)  goal <= 0.70
+Weights are random (latency does not depend on them; int8-static's observers are calibrated on random inputs).
 Models run in interleaved rounds (every model once per round, in rotating order) so that load on this shared
 machine hits all of them alike; ratios are of the medians over all rounds.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import timm
 import torch
-from mobile_vmoe.export.formats import OnnxRunner, PteRunner, export_onnx, lower_pte
+from mobile_vmoe.export.formats import INT8_SCHEMES, OnnxRunner, PteRunner, export_onnx, lower_pte
 
 import mobile_vmoe.models  # noqa: F401  (registers the model names)
 from mobile_vmoe.bench import latency_stats
@@ -70,11 +70,13 @@ def main() -> None:
                     export_onnx(m, x, path)
                     runners[f"onnx/{key}"] = OnnxRunner(path, threads=args.threads)
                 print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
-        t0 = time.perf_counter()
-        buf, _ = lower_pte(models["moe_e10"], x, "int8", calib)
-        (Path(tmp) / "moe_e10_int8.pte").write_bytes(buf)
-        runners["pte/moe_e10_int8"] = PteRunner(Path(tmp) / "moe_e10_int8.pte")
-        print(f"lowered pte moe_e10 int8 in {time.perf_counter() - t0:.0f} s", flush=True)
+        for scheme in INT8_SCHEMES:  # "int8" (dynamic, MLPs) and "int8-static" (calibrated, every linear)
+            t0 = time.perf_counter()
+            key = f"moe_e10_{scheme}"
+            buf, _ = lower_pte(models["moe_e10"], x, scheme, calib)
+            (Path(tmp) / f"{key}.pte").write_bytes(buf)
+            runners[f"pte/{key}"] = PteRunner(Path(tmp) / f"{key}.pte")
+            print(f"lowered pte {key} in {time.perf_counter() - t0:.0f} s", flush=True)
         if args.threads:
             from executorch.extension.pybindings import portable_lib
 
@@ -100,6 +102,7 @@ def main() -> None:
         ("a", "MoE(E=10) / dense  ", "pte", "moe_e10", "dense"),
         ("b", "E=16 / E=4         ", "pte", "moe_e16", "moe_e4"),
         ("c", "int8 / fp32 (MoE)  ", "pte", "moe_e10_int8", "moe_e10"),
+        ("c", "int8-static / fp32 ", "pte", "moe_e10_int8-static", "moe_e10"),
         ("a", "MoE(E=10) / dense  ", "onnx", "moe_e10", "dense"),
         ("b", "E=16 / E=4         ", "onnx", "moe_e16", "moe_e4"),
     ]

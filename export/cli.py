@@ -64,7 +64,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="registered model name, RANDOM weights (latency work only)")
     p.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", help="with --model: timm kwargs")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="pte | coreml | onnx")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="pte: PT2E int8; coreml: int8 weights")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int8-static"],
+        default=None,
+        help="pte: int8 = PT2E dynamic int8 MLPs, int8-static = PT2E static int8 calibrated on real images; "
+        "coreml: int8 = int8 weights",
+    )
     p.add_argument("--out", default=None, help="artifact path (default: <checkpoint or model name>.<ext>)")
     p.add_argument(
         "--data",
@@ -75,7 +81,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default="data", help="where built-in datasets live (default: data)")
     p.add_argument("--num-verify", type=int, default=DEFAULT_NUM_VERIFY, help="images compared (500)")
     p.add_argument(
-        "--num-calibrate", type=int, default=DEFAULT_NUM_CALIBRATE, help="int8 calibration images (100)"
+        "--num-calibrate",
+        type=int,
+        default=DEFAULT_NUM_CALIBRATE,
+        help="int8-static calibration images (100)",
     )
     p.add_argument("--atol", type=float, default=None, help="max abs logit difference (fp32 default 1e-4)")
     p.add_argument(

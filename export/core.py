@@ -320,8 +320,9 @@ def export_model(
     """Export a model to ``fmt`` ("pte" | "coreml" | "onnx"), verify it, write ``out`` and ``out + ".json"``.
 
     Source: ``checkpoint`` (a model file or run directory) or ``model`` (+ ``model_kwargs``), the latter with
-    random weights (seeded by ``seed``; said in the output and the sidecar). ``quantize="int8"``: PT2E static int8
-    for pte (calibrated on ``num_calibrate`` training images), int8 weight quantisation for coreml.
+    random weights (seeded by ``seed``; said in the output and the sidecar). ``quantize``: for pte ``"int8"``
+    (PT2E dynamic int8 of the MLP linears) or ``"int8-static"`` (PT2E static int8, calibrated on
+    ``num_calibrate`` training images; see ``formats.lower_pte``); for coreml ``"int8"``: int8 weights.
     Images: ``data`` (a dataset directory or built-in name, built under ``data_root``), else the checkpoint's
     held-out list (topped up from val/), else the built-in synthetic set; ``num_verify`` of them.
     Thresholds: fp32 defaults to max abs diff <= 1e-4 and 100% top-1 agreement; int8 to >= 99% agreement,
@@ -332,8 +333,12 @@ def export_model(
     t0 = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if quantize not in (None, "int8"):
-        raise UserError(f"--quantize {quantize!r}: expected int8 (or nothing for float)")
+    if quantize not in (None, *formats.INT8_SCHEMES):
+        raise UserError(f"--quantize {quantize!r}: expected one of {sorted(formats.INT8_SCHEMES)}")
+    if quantize == "int8-static" and fmt != "pte":
+        raise UserError(
+            "--quantize int8-static is a .pte scheme; coreml takes --quantize int8 (int8 weights)"
+        )
     if quantize and fmt == "onnx":
         raise UserError("--quantize int8 is not supported for onnx here; use pte or coreml")
     if coreml_input not in ("image", "tensor") or coreml_precision not in ("fp16", "fp32"):
@@ -366,16 +371,16 @@ def export_model(
         print(f"note: {model_name} has RANDOM weights (no checkpoint): for latency work only")
 
     size, mean, std = _model_geometry(net, extra)
-    need_calib = quantize == "int8" and fmt == "pte"
+    need_calib = quantize == "int8-static"
     imgs = _images(extra, data, data_root, size, mean, std, num_verify, num_calibrate if need_calib else 0)
     if need_calib and not imgs.calibrate:
         raise UserError(
-            "int8 quantisation needs calibration images, and the dataset's train/ split gave none"
+            "int8-static quantisation needs calibration images, and the dataset's train/ split gave none"
         )
     ref = _eager(net, imgs.verify)
     example = imgs.verify[:1]
 
-    if quantize == "int8":
+    if quantize:
         precision = "int8" if fmt == "pte" else f"{coreml_precision}+int8-weights"
     elif fmt == "coreml":
         precision = coreml_precision
@@ -386,7 +391,7 @@ def export_model(
     atol_eff: float | None = None
     agree_eff: float | None = None
     if fmt != "coreml":
-        if quantize == "int8":
+        if quantize:
             atol_eff = atol
             agree_eff = min_top1_agreement
             if agree_eff is None and not random_weights:
@@ -430,7 +435,8 @@ def export_model(
             report["delegation"] = delegation
             if quantize:
                 report["quantization"] = {
-                    "scheme": formats.INT8_SCHEME,
+                    "name": quantize,
+                    "scheme": formats.INT8_SCHEMES[quantize],
                     "calibration_images": len(imgs.calibrate),
                 }
             got = formats.PteRunner(tmp)(imgs.verify)

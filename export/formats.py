@@ -57,11 +57,17 @@ def _delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
     }
 
 
-INT8_OPS = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
-INT8_SCHEME = (
-    "PT2E static int8 (XNNPACKQuantizer): linear + conv, symmetric per-channel weights, per-tensor activations "
-    "calibrated on real images; attention matmuls, residual adds, expert MLPs (index_select + bmm) stay fp32"
-)
+INT8_SCHEMES = {
+    "int8": "PT2E dynamic int8 (XNNPACKQuantizer): the MLP linears of the dense blocks, symmetric per-channel int8 "
+    "weights, activations quantised per inference; attention, expert MLPs (index_select + bmm) and head stay fp32",
+    "int8-static": "PT2E static int8 (XNNPACKQuantizer): linear + conv, symmetric per-channel weights, per-tensor "
+    "activations calibrated on real images; attention matmuls, residual adds, expert MLPs stay fp32",
+}
+
+
+def _in_mlp(node: Any) -> bool:
+    """Quantizer filter: nodes inside a block's ``mlp`` (fc1/fc2 of the dense blocks)."""
+    return any(".mlp." in path for path, _ in node.meta.get("nn_module_stack", {}).values())
 
 
 def lower_pte(
@@ -70,39 +76,50 @@ def lower_pte(
     quantize: str | None = None,
     calibration: Iterable[torch.Tensor] = (),
 ) -> tuple[bytes, dict[str, Any]]:
-    """Eval-mode model -> (.pte bytes, delegation report). ``quantize="int8"``: PT2E static int8 with the
-    XNNPACK quantizer on linear and conv ops (per-channel symmetric weights, per-tensor activations), observers
-    calibrated on ``calibration`` ([1, 3, H, W] each). The expert MLPs (index_select + baddbmm) have no int8
-    pattern in the XNNPACK quantizer: they stay fp32.
+    """Eval-mode model -> (.pte bytes, delegation report); ``quantize`` one of ``INT8_SCHEMES``.
+
+    ``"int8"`` (default int8): dynamic quantisation of the MLP linears. Measured on the built-in demo models
+    (D=64, 16 tokens; top-1 agreement with fp32 on 500 held-out images, dense / MoE): dynamic MLP-only
+    99.4 / 99.2 %, dynamic on every linear 97.8 %, static on every linear + conv 92.2 %, static on the MLPs
+    98.2 / 99.0 %: at this width the attention projections do not survive int8, and the issue's bar is 99 %.
+    ``"int8-static"``: the classic PT2E static recipe, observers calibrated on ``calibration`` ([1, 3, H, W]
+    each); faster where it is accurate enough. Neither touches the expert MLPs (index_select + baddbmm): the
+    XNNPACK quantizer has no int8 pattern for a batched matmul, so they stay fp32.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    if quantize is not None and quantize not in INT8_SCHEMES:
+        raise ValueError(f"unknown quantization {quantize!r}: expected one of {sorted(INT8_SCHEMES)}")
     with torch.no_grad():
         ep = torch.export.export(model, (example,))
-        if quantize == "int8":
+        if quantize is not None:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
                 XNNPACKQuantizer,
                 get_symmetric_quantization_config,
             )
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            # Linear and conv only: int8 residual adds/muls cost ViTs top-1 agreement (measured on the quick
-            # models: 90% with everything quantised, 100% with matmuls only) and save little time.
-            cfg = get_symmetric_quantization_config(is_per_channel=True)
             quantizer = XNNPACKQuantizer()
-            for op in INT8_OPS:
-                quantizer.set_operator_type(op, cfg)
+            if quantize == "int8":
+                cfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+                quantizer.set_operator_type(torch.ops.aten.linear.default, cfg)
+                quantizer.filter_fn = _in_mlp
+                calibration = [example]  # dynamic: scales come from each input, nothing to calibrate
+            else:
+                # Linear and conv only: int8 residual adds/muls cost ViTs top-1 agreement (90% with everything
+                # quantised on the quick models) and save little time.
+                cfg = get_symmetric_quantization_config(is_per_channel=True)
+                for op in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+                    quantizer.set_operator_type(op, cfg)
             prepared = prepare_pt2e(ep.module(), quantizer)
             n = 0
             for x in calibration:
                 prepared(x)
                 n += 1
             if n == 0:
-                raise ValueError("int8 quantization needs at least one calibration image")
+                raise ValueError("int8-static quantization needs at least one calibration image")
             ep = torch.export.export(convert_pt2e(prepared), (example,))
-        elif quantize is not None:
-            raise ValueError(f"unknown quantization {quantize!r}")
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     report = _delegation_report(edge.exported_program().graph_module)
     return edge.to_executorch().buffer, report

@@ -5,16 +5,16 @@ position of the class folder name in sorted order. Built-in datasets also write 
 ``DIR/COMPLETE`` marker (written last) and, for the synthetic set, ``DIR/superclasses_true.json``.
 
 The synthetic set is the pipeline's no-download stand-in for ImageNet: S super-classes x F fine classes.
-The super-class fixes a COARSE property (shape family + dominant hue), the fine class a FINER one inside the
-shape (texture pattern: stripes, checks, dots, rings, ... and its period; all invariant under a horizontal
-flip, so flip augmentation keeps labels). Position, scale, rotation, colours, background gradient and pixel
-noise are nuisance, and the period ranges of two classes touch, so a small ViT confuses mostly fine classes of
-the same super-class and a confusion graph recovers the super-classes.
-Measured with the defaults (10 x 10 classes, 260 train + 50 val per class, generated in ~14 s on one core):
-``mobile_vit_nano_patch4_32`` with depth=6, AdamW lr 1e-3 one-cycle, batch 128, flips, 1 CPU thread, 6 epochs
-(~7 min): val top-1 13 / 32 / 48 / 56 / 61 / 62 % after epochs 1-6, super-class accuracy 95 %, 88 % of the
-errors inside the true super-class (chance: 9 %); spectral clustering of the val confusion graph into 10
-groups matched the true super-classes with adjusted Rand index 0.71.
+The super-class fixes a COARSE property (shape family + dominant hue); inside it, the fine class is a bin of ONE
+attribute that belongs to that super-class (``FINE_ATTRIBUTES``: stripe period for super-class 0, stripe angle
+for 1, shape size for 2, x and y position, stripe contrast, brightness, saturation, background level and hue).
+Every image draws all ten attributes, so the attributes that grade the other super-classes, plus shape rotation
+and pixel noise, are nuisance. What tells fine classes apart thus differs between super-classes, as it does
+between dog breeds and vehicle types; a small ViT confuses mostly neighbouring bins of the same super-class, so
+a confusion graph recovers the super-classes, and an expert per super-class has one attribute to refine where a
+shared MLP has ten. Labels change under a horizontal flip (stripe angle, x position): train without flips.
+Version 1 of the generator graded the same texture patterns in every super-class; the super-class-guided MoE
+could not beat dense on it (one shared texture detector serves all super-classes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -62,7 +61,7 @@ __all__ = [
 COMPLETE_MARKER = "COMPLETE"
 DATASET_JSON = "dataset.json"
 SUPERCLASSES_TRUE_JSON = "superclasses_true.json"
-SYNTHETIC_VERSION = 1  # bump when the generator's pixels change, so stale builds are redone
+SYNTHETIC_VERSION = 2  # bump when the generator's pixels change, so stale builds are redone
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,6 @@ SHAPES = (
     "halfdisk",
     "hourglass",
 )
-# Fine patterns are all invariant under a horizontal flip, so the usual flip augmentation keeps the label.
-PATTERNS = ("vstripes", "hstripes", "checker", "dots", "rings", "hatch")
-PERIOD_NAMES = {1: ("mid",), 2: ("thin", "wide"), 3: ("thin", "mid", "wide")}
-MAX_FINE = len(PATTERNS) * 3
 
 
 def _shape_sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -134,90 +129,81 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return v[:, None] - (v * s)[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def _fine_params(f: int, num_fine: int) -> tuple[str, str, float]:
-    """Fine class f -> (texture pattern, period name, period as a fraction of the image side)."""
-    n_per = math.ceil(num_fine / len(PATTERNS))
-    n_pat = math.ceil(num_fine / n_per)
-    i = f // n_pat
-    period = 0.15 if n_per == 1 else 0.12 * (0.18 / 0.12) ** (i / (n_per - 1))
-    return PATTERNS[f % n_pat], PERIOD_NAMES[n_per][i], period
-
-
-def _pattern(
-    pattern: str, u: np.ndarray, v: np.ndarray, phase_u: np.ndarray, phase_v: np.ndarray
-) -> np.ndarray:
-    """Texture in [0, 1]; u, v are coordinates in units of the period (shape-aligned), phases in periods."""
-    tau = 2 * np.pi
-    if pattern == "vstripes":
-        return 0.5 + 0.5 * np.sin(tau * (u + phase_u))
-    if pattern == "hstripes":
-        return 0.5 + 0.5 * np.sin(tau * (v + phase_v))
-    if pattern == "checker":
-        return 0.5 + 0.5 * np.tanh(3.0 * np.sin(tau * (u + phase_u)) * np.sin(tau * (v + phase_v)))
-    if pattern == "dots":
-        du, dv = (u + phase_u) % 1.0 - 0.5, (v + phase_v) % 1.0 - 0.5
-        return np.clip(1.5 - 5.0 * np.sqrt(du * du + dv * dv), 0.0, 1.0)
-    if pattern == "rings":
-        return 0.5 + 0.5 * np.sin(tau * (np.sqrt(u * u + v * v) + phase_u))
-    if pattern == "hatch":
-        a = np.abs(np.sin(np.pi * (u + v + phase_u) / np.sqrt(2)))
-        b = np.abs(np.sin(np.pi * (u - v + phase_v) / np.sqrt(2)))
-        return np.minimum(a, b) ** 0.5
-    raise ValueError(pattern)
+# The fine cue of each super-class: super-class s grades images by attribute FINE_ATTRIBUTES[s % 10]; every
+# other attribute is drawn at random (nuisance). (name, what it changes)
+FINE_ATTRIBUTES = (
+    ("period", "stripe period, 0.09-0.27 of the side, log scale"),
+    ("angle", "stripe orientation, 0-180 degrees"),
+    ("size", "shape radius, 0.20-0.40 of the side"),
+    ("xpos", "shape centre, left to right"),
+    ("ypos", "shape centre, top to bottom"),
+    ("contrast", "stripe contrast"),
+    ("value", "shape brightness"),
+    ("saturation", "shape saturation"),
+    ("bglevel", "background brightness"),
+    ("bghue", "background hue"),
+)
+MAX_FINE = 18  # bins of one attribute; narrower bins are below what a 32 px image resolves
+BIN_FILL = 0.45  # share of its bin a class's attribute values fill: the rest is a gap to the neighbours
 
 
 def synthetic_class_names(num_superclasses: int, num_fine: int) -> list[str]:
-    """Readable names whose sorted order is super-class-major, e.g. "s3_f7_ring_a072_wide"."""
+    """Readable names whose sorted order is super-class-major, e.g. "s3_f7_ring_ypos7"."""
     ws, wf = len(str(num_superclasses - 1)), len(str(num_fine - 1))
     names = []
     for s in range(num_superclasses):
+        attr = FINE_ATTRIBUTES[s % len(FINE_ATTRIBUTES)][0]
         for f in range(num_fine):
-            pattern, pname, _ = _fine_params(f, num_fine)
-            names.append(f"s{s:0{ws}d}_f{f:0{wf}d}_{SHAPES[s % len(SHAPES)]}_{pattern}_{pname}")
+            names.append(f"s{s:0{ws}d}_f{f:0{wf}d}_{SHAPES[s % len(SHAPES)]}_{attr}{f:0{wf}d}")
     return names
+
+
+def synthetic_attributes(s: int, f: int, n: int, num_fine: int, rng: np.random.Generator) -> np.ndarray:
+    """Attributes in [0, 1) of n images of class (s, f), [A, n]: attribute s % A lies in the middle
+    ``BIN_FILL`` of bin f of ``num_fine`` equal bins; the others are uniform over [0, 1) (nuisance)."""
+    a = rng.uniform(0.0, 1.0, size=(len(FINE_ATTRIBUTES), n))
+    a[s % len(FINE_ATTRIBUTES)] = (f + 0.5 + BIN_FILL * (rng.uniform(0.0, 1.0, n) - 0.5)) / num_fine
+    return a
 
 
 def render_synthetic(
     s: int, f: int, n: int, num_superclasses: int, num_fine: int, image_size: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """n images of class (s, f) as uint8 [n, H, W, 3]: shape + hue from s, texture from f, nuisance."""
+    """n images of class (s, f) as uint8 [n, H, W, 3]: shape + hue from s, attribute s % 10 graded by f.
+
+    Every image is a striped shape on a plain background with all ten attributes of ``FINE_ATTRIBUTES``;
+    super-class s reads only its own attribute, so what tells two fine classes apart differs between
+    super-classes (as dog breeds and vehicle types differ by different cues) and an expert per super-class
+    has less to learn than one shared MLP.
+    """
     size = image_size
     shape = SHAPES[s % len(SHAPES)]
-    pattern, _, period = _fine_params(f, num_fine)
-    u01 = lambda lo, hi: rng.uniform(lo, hi, size=n)[:, None, None]  # noqa: E731
+    a = synthetic_attributes(s, f, n, num_fine, rng)
+    col = lambda x: x[:, None, None]  # noqa: E731  [n] -> [n, 1, 1]
 
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5 - size / 2
     xs, ys = xs[None], ys[None]  # [1, H, W]
-    # Nuisance geometry: position, scale, rotation of the shape (not of the texture).
-    cx, cy = u01(-0.14, 0.14) * size, u01(-0.14, 0.14) * size
-    radius = u01(0.24, 0.40) * size
-    rot = u01(-0.35, 0.35)
+    cx, cy = col(-0.22 + 0.44 * a[3]) * size, col(-0.22 + 0.44 * a[4]) * size
+    radius = col(0.20 + 0.20 * a[2]) * size
+    rot = col(rng.uniform(-0.3, 0.3, n))  # a small turn of the shape: nuisance for every super-class
     dx, dy = (xs - cx) / radius, (ys - cy) / radius
     u = dx * np.cos(rot) + dy * np.sin(rot)
     v = -dx * np.sin(rot) + dy * np.cos(rot)
     mask = np.clip(0.5 - _shape_sdf(shape, u, v) * radius, 0.0, 1.0)[..., None]  # [n, H, W, 1], anti-aliased
 
-    # Fine property: texture pattern and period, in shape-aligned coordinates (jittered period and contrast).
-    # Periods of neighbouring classes overlap at the ends of their ranges: the Bayes error is not zero.
-    per = period * size * u01(0.75, 1.25)
-    trot = rng.normal(0.0, 0.2, size=n)[:, None, None]  # texture turns a little against the shape
-    tu, tv = u * np.cos(trot) + v * np.sin(trot), -u * np.sin(trot) + v * np.cos(trot)
-    tex = _pattern(pattern, tu * radius / per, tv * radius / per, u01(0, 1), u01(0, 1))
-    depth = u01(0.3, 0.7)
-    tex = (1.0 - depth + depth * tex)[..., None]
+    period = col(0.09 * 3.0 ** a[0]) * size
+    theta = col(np.pi * a[1])
+    phase = col(rng.uniform(0.0, 1.0, n))
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * ((xs * np.cos(theta) + ys * np.sin(theta)) / period + phase))
+    depth = col(0.3 + 0.6 * a[5])
+    tex = (1.0 - depth + depth * stripes)[..., None]
 
-    # Coarse colour: super-class hue (jittered), random saturation/brightness.
-    hue = s / num_superclasses + rng.normal(0.0, 0.025, size=n)
-    fg = _hsv_to_rgb(hue, rng.uniform(0.55, 1.0, n), rng.uniform(0.6, 1.0, n))[:, None, None, :]
-    # Background: random low-saturation colour with a linear gradient in a random direction.
-    bg0 = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.0, 0.35, n), rng.uniform(0.1, 0.75, n))
-    bg1 = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.0, 0.35, n), rng.uniform(0.1, 0.75, n))
-    g_dir = u01(0.0, 2 * np.pi)
-    g = (0.5 + (xs * np.cos(g_dir) + ys * np.sin(g_dir)) / size)[..., None].clip(0.0, 1.0)
-    bg = bg0[:, None, None, :] * (1 - g) + bg1[:, None, None, :] * g
+    hue = s / num_superclasses + rng.normal(0.0, 0.02, size=n)  # the coarse cue, with the shape
+    fg = _hsv_to_rgb(hue, 0.35 + 0.65 * a[7], 0.45 + 0.55 * a[6])[:, None, None, :]
+    bg = _hsv_to_rgb(a[9], np.full(n, 0.5), 0.1 + 0.6 * a[8])[:, None, None, :]
 
     img = mask * fg * tex + (1.0 - mask) * bg
-    img = img * u01(0.8, 1.2)[..., None] + rng.normal(0.0, 0.09, size=img.shape)
+    img = img + rng.normal(0.0, 0.05, size=img.shape)
     return (img.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -251,7 +237,7 @@ def make_synthetic(
             raise UserError(f"make_synthetic: {name} must be an integer >= {lo}, got {val!r}")
     if num_fine > MAX_FINE:
         raise UserError(
-            f"make_synthetic: num_fine must be <= {MAX_FINE} (distinct fine patterns), got {num_fine}"
+            f"make_synthetic: num_fine must be <= {MAX_FINE} (bins of one attribute), got {num_fine}"
         )
     out_dir = Path(out_dir)
     names = synthetic_class_names(num_superclasses, num_fine)
@@ -288,7 +274,10 @@ def make_synthetic(
                 "sizes": [assignment.count(i) for i in range(num_superclasses)],
                 "superclass_names": [SHAPES[i % len(SHAPES)] for i in range(num_superclasses)],
                 "algorithm": "ground-truth",
-                "params": {"coarse": "shape family + hue", "fine": "texture pattern + period"},
+                "fine_attributes": [
+                    FINE_ATTRIBUTES[i % len(FINE_ATTRIBUTES)][0] for i in range(num_superclasses)
+                ],
+                "params": {"coarse": "shape family + hue", "fine": "one attribute per super-class, binned"},
             },
         )
         _write_dataset_json(tmp, "synthetic", seed, len(names), image_size, params, SYNTHETIC_VERSION)

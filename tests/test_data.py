@@ -14,7 +14,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from mobile_vmoe.common import UserError
 from mobile_vmoe.data import (
+    BIN_FILL,
     COMPLETE_MARKER,
+    FINE_ATTRIBUTES,
     ImageListDataset,
     Sample,
     add_cli,
@@ -26,6 +28,7 @@ from mobile_vmoe.data import (
     prepare_dataset,
     read_file_list,
     scan_dataset,
+    synthetic_attributes,
     write_file_list,
 )
 
@@ -50,9 +53,9 @@ def test_synthetic_layout_classes_and_truth(small):
     assert len(idx.train) == 6 * 6 and len(idx.val) == 6 * 2
     assert idx.class_names == sorted(idx.class_names)
     assert idx.class_names[0].startswith("s0_f0_disk_") and idx.class_names[-1].startswith("s1_f2_square_")
-    # the fine property differs inside a super-class, and the same fine classes recur across super-classes
+    # each super-class grades its own attribute: s0 the stripe period, s1 the stripe angle
     fine = [n.split("_", 3)[3] for n in idx.class_names]
-    assert len(set(fine[:3])) == 3 and fine[:3] == fine[3:]
+    assert fine == ["period0", "period1", "period2", "angle0", "angle1", "angle2"]
     for split in (idx.train, idx.val):
         assert [s.target for s in split] == sorted(s.target for s in split)
         assert {s.target for s in split} == set(range(6))
@@ -92,6 +95,21 @@ def test_synthetic_super_classes_look_alike(small):
     sup = [np.mean([np.mean(mean_rgb[c], 0) for c in cs], 0) for cs in ((0, 1, 2), (3, 4, 5))]
     # super-class 0 is red-ish (hue 0), super-class 1 cyan-ish (hue 0.5)
     assert sup[0][0] > sup[0][2] and sup[1][2] > sup[1][0]
+
+
+def test_synthetic_fine_class_is_a_bin_of_the_super_class_attribute():
+    """Class (s, f) puts attribute s in the middle of bin f (a gap to the neighbouring bins); every other
+    attribute is nuisance, spread over its whole range."""
+    num_fine, n = 10, 400
+    for s in (0, 3, 9, 12):
+        own = s % len(FINE_ATTRIBUTES)
+        for f in (0, 4, 9):
+            a = synthetic_attributes(s, f, n, num_fine, np.random.default_rng([s, f]))
+            assert a.shape == (len(FINE_ATTRIBUTES), n)
+            lo, hi = (f + 0.5 - BIN_FILL / 2) / num_fine, (f + 0.5 + BIN_FILL / 2) / num_fine
+            assert a[own].min() >= lo and a[own].max() <= hi
+            others = np.delete(a, own, axis=0)
+            assert others.min() < 0.02 and others.max() > 0.98
 
 
 def test_synthetic_default_size_under_60s_extrapolated(tmp_path):

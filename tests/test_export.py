@@ -136,11 +136,15 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         assert isinstance(d["portable_ops"], dict)  # reported, even where empty
 
 
-def test_int8_pte_calibrated_and_agrees(runs, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int8-static"])
+def test_int8_pte_agrees(runs, tmp_path, scheme):
     out = tmp_path / "moe_int8.pte"
-    export_model("pte", out, checkpoint=runs["moe"], quantize="int8", num_verify=NUM_VERIFY, verbose=False)
+    export_model("pte", out, checkpoint=runs["moe"], quantize=scheme, num_verify=NUM_VERIFY, verbose=False)
     side = json.loads((tmp_path / "moe_int8.pte.json").read_text())
-    assert side["precision"] == "int8" and side["quantization"]["calibration_images"] > 0
+    q = side["quantization"]
+    assert side["precision"] == "int8" and q["name"] == scheme
+    # the static scheme is calibrated on real training images; the dynamic one needs none
+    assert (q["calibration_images"] > 0) == (scheme == "int8-static")
     p = side["parity"]
     assert p["min_top1_agreement"] == 0.99 and p["top1_agreement"] >= 0.99  # enforced: trained weights
     dq = [k for k in side["delegation"]["delegated_ops"] if "quantize" in k]
@@ -218,3 +222,11 @@ def test_failed_verification_leaves_nothing(runs, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(runs["dense"]), "--format", "pte", "--quantize", "int8", "--out",
                  str(out), "--num-verify", "8", "--atol", "1e-6"]) == 1  # fmt: skip
     assert only(tmp_path) == []
+
+
+def test_int8_static_is_a_pte_scheme(runs, tmp_path):
+    with pytest.raises(UserError, match="int8-static"):
+        export_model("coreml", tmp_path / "m.mlpackage", checkpoint=runs["dense"], quantize="int8-static")
+    with pytest.raises(UserError, match="expected one of"):
+        export_model("pte", tmp_path / "m.pte", checkpoint=runs["dense"], quantize="int4")
+    assert list(tmp_path.iterdir()) == []
