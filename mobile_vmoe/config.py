@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, small named YAML presets, ``key=value`` overrides (big_vision style).
 
-    cfg = load_config("synthetic", ["model=mobile_vmoe_nano_patch4_32", "optim.lr=2e-3", "model_kwargs.depth=4"])
+    cfg = load_config("synthetic", ["model=mobile_vmoe_nano_patch8_32", "optim.lr=2e-3", "model_kwargs.depth=4"])
 
 The dataclass defaults are the DeiT recipe for ImageNet-1k (Touvron et al. 2021, as in timm's train.py), so the
 ``imagenet1k_<size>`` presets only name the model; the presets for the built-in datasets (``synthetic``,

@@ -55,8 +55,8 @@ class PipelineConfig:
         "synthetic"  # training preset (or YAML file) shared by both models: same data, recipe, budget
     )
     data: str = ""  # "": the training preset's data.spec; else an ImageFolder directory or a built-in name
-    dense_model: str = "mobile_vit_nano_patch4_32"
-    moe_model: str = "mobile_vmoe_nano_patch4_32"  # same width/depth as the dense model: equal active FLOPs
+    dense_model: str = "mobile_vit_nano_patch8_32"
+    moe_model: str = "mobile_vmoe_nano_patch8_32"  # same width/depth as the dense model: equal active FLOPs
     train_overrides: list[str] = field(default_factory=list)  # key=value for both trainings
     dense_overrides: list[str] = field(default_factory=list)
     moe_overrides: list[str] = field(default_factory=list)

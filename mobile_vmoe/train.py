@@ -1,6 +1,6 @@
 """`mobile-vmoe train`: one training loop for the dense ViT baseline and the Mobile V-MoE.
 
-    mobile-vmoe train --config synthetic [--model mobile_vmoe_nano_patch4_32 --superclasses S.json] [k=v ...]
+    mobile-vmoe train --config synthetic [--model mobile_vmoe_nano_patch8_32 --superclasses S.json] [k=v ...]
     torchrun --nproc-per-node 8 -m mobile_vmoe.cli train --config imagenet1k_tiny --data /imagenet
 
 The loop (``train``) reads top to bottom like nanoGPT's train.py: validate everything -> build data, model,

@@ -165,7 +165,12 @@ MODEL_SIZES: dict[str, tuple[int, int]] = {
     "nano": (64, 2),
 }
 # name suffix -> (img_size, patch_size, default num_classes). 32 px is for the built-in datasets (10 x 10 classes).
-RESOLUTIONS: dict[str, tuple[int, int, int]] = {"patch16_224": (224, 16, 1000), "patch4_32": (32, 4, 100)}
+# patch8_32 (16 tokens) trains 4x faster than patch4_32 (64 tokens): the built-in demo's choice on 2 CPU cores.
+RESOLUTIONS: dict[str, tuple[int, int, int]] = {
+    "patch16_224": (224, 16, 1000),
+    "patch4_32": (32, 4, 100),
+    "patch8_32": (32, 8, 100),
+}
 SMALL_IMAGE_SIZES = ("tiny", "mini", "micro", "nano")
 
 
@@ -190,7 +195,7 @@ def _variants() -> dict[str, tuple[str, str, bool]]:
     out = {}
     for res in RESOLUTIONS:
         for size in MODEL_SIZES:
-            if res == "patch4_32" and size not in SMALL_IMAGE_SIZES:
+            if res != "patch16_224" and size not in SMALL_IMAGE_SIZES:
                 continue
             out[f"mobile_vit_{size}_{res}"] = (size, res, False)
             out[f"mobile_vmoe_{size}_{res}"] = (size, res, True)
