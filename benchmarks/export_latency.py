@@ -70,7 +70,9 @@ def main() -> None:
                     export_onnx(m, x, path)
                     runners[f"onnx/{key}"] = OnnxRunner(path, threads=args.threads)
                 print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
-        for scheme in INT8_SCHEMES:  # "int8" (dynamic, MLPs) and "int8-static" (calibrated, every linear)
+        for (
+            scheme
+        ) in INT8_SCHEMES:  # "int8" (dynamic, MLP linears) and "int8-static" (calibrated, linear + conv)
             t0 = time.perf_counter()
             key = f"moe_e10_{scheme}"
             buf, _ = lower_pte(models["moe_e10"], x, scheme, calib)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..common import UserError
 from .core import DEFAULT_NUM_CALIBRATE, DEFAULT_NUM_VERIFY, FORMATS, VerificationError, export_model
+from .formats import INT8_SCHEMES
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="pte | coreml | onnx")
     p.add_argument(
         "--quantize",
-        choices=["int8", "int8-static"],
+        choices=sorted(INT8_SCHEMES),
         default=None,
         help="pte: int8 = PT2E dynamic int8 MLPs, int8-static = PT2E static int8 calibrated on real images; "
         "coreml: int8 = int8 weights",

@@ -147,12 +147,17 @@ MAX_FINE = 18  # bins of one attribute; narrower bins are below what a 32 px ima
 BIN_FILL = 0.45  # share of its bin a class's attribute values fill: the rest is a gap to the neighbours
 
 
+def fine_attribute(s: int) -> str:
+    """Name of the attribute that grades the fine classes of super-class s."""
+    return FINE_ATTRIBUTES[s % len(FINE_ATTRIBUTES)][0]
+
+
 def synthetic_class_names(num_superclasses: int, num_fine: int) -> list[str]:
     """Readable names whose sorted order is super-class-major, e.g. "s3_f7_ring_ypos7"."""
     ws, wf = len(str(num_superclasses - 1)), len(str(num_fine - 1))
     names = []
     for s in range(num_superclasses):
-        attr = FINE_ATTRIBUTES[s % len(FINE_ATTRIBUTES)][0]
+        attr = fine_attribute(s)
         for f in range(num_fine):
             names.append(f"s{s:0{ws}d}_f{f:0{wf}d}_{SHAPES[s % len(SHAPES)]}_{attr}{f:0{wf}d}")
     return names
@@ -178,29 +183,29 @@ def render_synthetic(
     """
     size = image_size
     shape = SHAPES[s % len(SHAPES)]
-    a = synthetic_attributes(s, f, n, num_fine, rng)
+    a = dict(zip((name for name, _ in FINE_ATTRIBUTES), synthetic_attributes(s, f, n, num_fine, rng)))
     col = lambda x: x[:, None, None]  # noqa: E731  [n] -> [n, 1, 1]
 
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5 - size / 2
     xs, ys = xs[None], ys[None]  # [1, H, W]
-    cx, cy = col(-0.22 + 0.44 * a[3]) * size, col(-0.22 + 0.44 * a[4]) * size
-    radius = col(0.20 + 0.20 * a[2]) * size
+    cx, cy = col(-0.22 + 0.44 * a["xpos"]) * size, col(-0.22 + 0.44 * a["ypos"]) * size
+    radius = col(0.20 + 0.20 * a["size"]) * size
     rot = col(rng.uniform(-0.3, 0.3, n))  # a small turn of the shape: nuisance for every super-class
     dx, dy = (xs - cx) / radius, (ys - cy) / radius
     u = dx * np.cos(rot) + dy * np.sin(rot)
     v = -dx * np.sin(rot) + dy * np.cos(rot)
     mask = np.clip(0.5 - _shape_sdf(shape, u, v) * radius, 0.0, 1.0)[..., None]  # [n, H, W, 1], anti-aliased
 
-    period = col(0.09 * 3.0 ** a[0]) * size
-    theta = col(np.pi * a[1])
+    period = col(0.09 * 3.0 ** a["period"]) * size
+    theta = col(np.pi * a["angle"])
     phase = col(rng.uniform(0.0, 1.0, n))
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * ((xs * np.cos(theta) + ys * np.sin(theta)) / period + phase))
-    depth = col(0.3 + 0.6 * a[5])
+    depth = col(0.3 + 0.6 * a["contrast"])
     tex = (1.0 - depth + depth * stripes)[..., None]
 
     hue = s / num_superclasses + rng.normal(0.0, 0.02, size=n)  # the coarse cue, with the shape
-    fg = _hsv_to_rgb(hue, 0.35 + 0.65 * a[7], 0.45 + 0.55 * a[6])[:, None, None, :]
-    bg = _hsv_to_rgb(a[9], np.full(n, 0.5), 0.1 + 0.6 * a[8])[:, None, None, :]
+    fg = _hsv_to_rgb(hue, 0.35 + 0.65 * a["saturation"], 0.45 + 0.55 * a["value"])[:, None, None, :]
+    bg = _hsv_to_rgb(a["bghue"], np.full(n, 0.5), 0.1 + 0.6 * a["bglevel"])[:, None, None, :]
 
     img = mask * fg * tex + (1.0 - mask) * bg
     img = img + rng.normal(0.0, 0.05, size=img.shape)
@@ -274,9 +279,7 @@ def make_synthetic(
                 "sizes": [assignment.count(i) for i in range(num_superclasses)],
                 "superclass_names": [SHAPES[i % len(SHAPES)] for i in range(num_superclasses)],
                 "algorithm": "ground-truth",
-                "fine_attributes": [
-                    FINE_ATTRIBUTES[i % len(FINE_ATTRIBUTES)][0] for i in range(num_superclasses)
-                ],
+                "fine_attributes": [fine_attribute(i) for i in range(num_superclasses)],
                 "params": {"coarse": "shape family + hue", "fine": "one attribute per super-class, binned"},
             },
         )
