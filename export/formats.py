@@ -11,13 +11,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from .quantize import FP32_MODULES
 
 __all__ = [
     "lower_pte",
@@ -58,16 +60,22 @@ def _delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
 
 
 INT8_SCHEMES = {
-    "int8": "PT2E dynamic int8 (XNNPACKQuantizer): the MLP linears of the dense blocks, symmetric per-channel int8 "
-    "weights, activations quantised per inference; attention, expert MLPs (index_select + bmm) and head stay fp32",
+    "int8": "PT2E dynamic int8 (XNNPACKQuantizer) of every transformer linear (attention qkv and proj, MLP fc1 and "
+    "fc2): symmetric per-channel int8 weights, activations quantised per inference; the classifier head, router, "
+    "patch embedding, attention matmuls and expert MLPs (index_select + bmm) stay fp32",
     "int8-static": "PT2E static int8 (XNNPACKQuantizer): linear + conv, symmetric per-channel weights, per-tensor "
     "activations calibrated on real images; attention matmuls, residual adds, expert MLPs stay fp32",
 }
 
 
-def _in_mlp(node: Any) -> bool:
-    """Quantizer filter: nodes inside a block's ``mlp`` (fc1/fc2 of the dense blocks)."""
-    return any(".mlp." in path for path, _ in node.meta.get("nn_module_stack", {}).values())
+def _quantizable(keep_fp32: Collection[str]) -> Callable[[Any], bool]:
+    """Quantizer filter: nodes outside the head, the router and the named modules."""
+
+    def f(node: Any) -> bool:
+        paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+        return not any(p in keep_fp32 or p.split(".")[0] in FP32_MODULES for p in paths)
+
+    return f
 
 
 def lower_pte(
@@ -75,22 +83,32 @@ def lower_pte(
     example: torch.Tensor,
     quantize: str | None = None,
     calibration: Iterable[torch.Tensor] = (),
+    *,
+    keep_fp32: Collection[str] = (),
+    xnnpack_rewrite: bool = True,
 ) -> tuple[bytes, dict[str, Any]]:
     """Eval-mode model -> (.pte bytes, delegation report); ``quantize`` one of ``INT8_SCHEMES``.
 
-    ``"int8"`` (default int8): dynamic quantisation of the MLP linears. Measured on the built-in demo models
-    (D=64, 16 tokens; top-1 agreement with fp32 on 500 held-out images, dense / MoE): dynamic MLP-only
-    99.4 / 99.2 %, dynamic on every linear 97.8 %, static on every linear + conv 92.2 %, static on the MLPs
-    98.2 / 99.0 %: at this width the attention projections do not survive int8, and the issue's bar is 99 %.
-    ``"int8-static"``: the classic PT2E static recipe, observers calibrated on ``calibration`` ([1, 3, H, W]
-    each); faster where it is accurate enough. Neither touches the expert MLPs (index_select + baddbmm): the
-    XNNPACK quantizer has no int8 pattern for a batched matmul, so they stay fp32.
+    ``xnnpack_rewrite`` (default on) lowers ``rewrite.for_xnnpack(model)``: the same maths with attention and
+    layer norm in ops XNNPACK runs, so whole blocks stay in one XNNPACK subgraph (off: for comparison only).
+    ``"int8"`` (default int8): dynamic quantisation of the transformer's linears but ``keep_fp32`` (module
+    names; ``quantize.select_fp32_layers`` picks them for a trained model). Top-1 agreement with fp32 on
+    500 held-out images of the built-in demo models (D=64, 16 tokens; dense / MoE): dynamic on every
+    transformer linear 99.2 / 99.6 %, with the head too 97.8 / 99.4 %, dynamic MLPs only 99.4 / 99.8 %, static
+    on every linear + conv 92.2 %: the issue's bar is 99 %. ``"int8-static"``: the classic PT2E static recipe,
+    observers calibrated on ``calibration`` ([1, 3, H, W] each). Neither touches the expert MLPs (index_select +
+    bmm): the XNNPACK quantizer has no int8 pattern for a batched matmul, so they stay fp32.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from .rewrite import for_xnnpack
+
     if quantize is not None and quantize not in INT8_SCHEMES:
         raise ValueError(f"unknown quantization {quantize!r}: expected one of {sorted(INT8_SCHEMES)}")
+    rewrites = None
+    if xnnpack_rewrite:
+        model, rewrites = for_xnnpack(model)
     with torch.no_grad():
         ep = torch.export.export(model, (example,))
         if quantize is not None:
@@ -104,7 +122,7 @@ def lower_pte(
             if quantize == "int8":
                 cfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
                 quantizer.set_operator_type(torch.ops.aten.linear.default, cfg)
-                quantizer.filter_fn = _in_mlp
+                quantizer.filter_fn = _quantizable(set(keep_fp32))
                 calibration = [example]  # dynamic: scales come from each input, nothing to calibrate
             else:
                 # Linear and conv only: int8 residual adds/muls cost ViTs top-1 agreement (90% with everything
@@ -122,6 +140,7 @@ def lower_pte(
             ep = torch.export.export(convert_pt2e(prepared), (example,))
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     report = _delegation_report(edge.exported_program().graph_module)
+    report["rewrites"] = rewrites
     return edge.to_executorch().buffer, report
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mobile_vmoe.export import VerificationError, export_model
 from mobile_vmoe.export.core import _model_geometry
+from mobile_vmoe.export.quantize import int8_candidates, select_fp32_layers, simulated_int8
 from safetensors.torch import save_file
 
 from mobile_vmoe.checkpoint import load_model
@@ -106,8 +107,9 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         ops = (s["moe"] if kind == "moe" else s["dense"])["op_counts"]
         assert ops.get("linear", 0) + ops.get("matmul", 0) > 0
         if kind == "moe":
-            # only the router's projection on top of the dense twin's matmuls: no per-expert copies
-            assert s["sparse_compute_preserved"] and s["extra_matmul_ops_over_dense"] == 1
+            # on top of the dense twin's matmuls only the router's projection and each MoE block's gated fc2
+            # bias (gates @ b2): no per-expert copies
+            assert s["sparse_compute_preserved"] and s["extra_matmul_ops_over_dense"] == 1 + routing["L"]
             shapes = [g["shape"][0] for g in s["moe"]["expert_weight_gathers"]]  # fc1, fc2 of each MoE block
             assert len(shapes) >= 2 * routing["L"] and set(shapes) == {3}
             assert (
@@ -134,6 +136,14 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         assert d["backend"] == "XnnpackBackend" and d["num_delegated_subgraphs"] >= 1
         assert d["delegated_ops"].get("aten_linear_default", 0) >= 1
         assert isinstance(d["portable_ops"], dict)  # reported, even where empty
+        # The XNNPACK rewrite ran: every attention and norm, and none of them left on portable kernels.
+        n_blocks = len(net.blocks) + len(net.moe_blocks)
+        assert d["rewrites"] == {"attention": n_blocks, "layer_norm": 2 * n_blocks + 1 + (kind == "moe")}
+        assert not {"aten_native_layer_norm_default", "aten_where_self", "aten_bmm_default"} & set(
+            d["portable_ops"]
+        )
+        # dense: one subgraph after the class token's concat; MoE: routing (topk, index_select) splits it
+        assert d["num_delegated_subgraphs"] <= (2 if kind == "dense" else 7)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-static"])
@@ -149,6 +159,20 @@ def test_int8_pte_agrees(runs, tmp_path, scheme):
     assert p["min_top1_agreement"] == 0.99 and p["top1_agreement"] >= 0.99  # enforced: trained weights
     dq = [k for k in side["delegation"]["delegated_ops"] if "quantize" in k]
     assert dq, side["delegation"]  # int8 (de)quantize nodes went to XNNPACK
+    if scheme == "int8":
+        # Every transformer linear is a candidate (qkv, proj, fc1, fc2 of a dense block; qkv, proj of a MoE
+        # block; never the head or the router), and all but the ones the accuracy check kept fp32 are int8.
+        net = load_model(runs["moe"])[0]
+        candidates = int8_candidates(net)
+        assert len(candidates) == 4 * len(net.blocks) + 2 * len(net.moe_blocks)
+        assert set(q["fp32_layers"]) <= set(candidates)
+        n_int8 = side["delegation"]["delegated_ops"].get(
+            "quantized_decomposed_dequantize_per_channel_default", 0
+        )
+        assert n_int8 == len(candidates) - len(q["fp32_layers"])
+        choice = q["layer_choice"]  # chosen on held-out images that verification does not use
+        assert choice["images"] > 0 and choice["fp32_layers"] == q["fp32_layers"]
+        assert choice["simulated_agreement"] >= choice["target_agreement"] or not n_int8
 
 
 def test_model_with_random_weights_through_cli(runs, tmp_path, capsys):
@@ -230,3 +254,48 @@ def test_int8_static_is_a_pte_scheme(runs, tmp_path):
     with pytest.raises(UserError, match="expected one of"):
         export_model("pte", tmp_path / "m.pte", checkpoint=runs["dense"], quantize="int4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_xnnpack_rewrite_keeps_the_maths():
+    """export.rewrite.for_xnnpack: the same outputs (qk-norm included) from a copy; the source stays as it was."""
+    import timm
+    from mobile_vmoe.export.rewrite import BmmAttention, MatmulLayerNorm, for_xnnpack
+    from timm.layers.attention import Attention
+
+    torch.manual_seed(0)
+    model = timm.create_model(MOE, qk_norm=True, num_experts=3).eval()
+    x = torch.randn(3, 3, 32, 32)
+    copy, counts = for_xnnpack(model)
+    n_blocks = len(model.blocks) + len(model.moe_blocks)
+    # per block: norm1, norm2 and the q/k norms; then the final norm and the router's
+    assert counts == {"attention": n_blocks, "layer_norm": 4 * n_blocks + 2}
+    assert sum(isinstance(m, BmmAttention) for m in copy.modules()) == n_blocks
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in copy.modules())
+    assert sum(isinstance(m, MatmulLayerNorm) for m in copy.modules()) == counts["layer_norm"]
+    assert sum(type(m) is Attention for m in model.modules()) == n_blocks  # the source is untouched
+    with torch.no_grad():
+        assert torch.allclose(copy(x), model(x), atol=1e-5)
+        with pytest.raises(ValueError, match="mask"):
+            copy.blocks[0].attn(
+                torch.randn(1, 5, model.embed_dim), attn_mask=torch.ones(5, 5, dtype=torch.bool)
+            )
+
+
+def test_int8_layer_choice_meets_its_target():
+    """select_fp32_layers: nothing to return at a bar int8 already meets; at 100 % it returns linears until the
+    simulated int8 model agrees everywhere; the simulation leaves the weights as they were."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(MOE, num_experts=3).eval()  # random weights: near-tied logits, int8 flips some
+    x = torch.randn(256, 3, 32, 32)  # 48 gave no flip at all
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert select_fp32_layers(model, x, 0.0)[0] == []
+    fp32, rep = select_fp32_layers(model, x, 1.0)
+    assert rep["simulated_agreement_all_int8"] < 1.0 and fp32 and rep["simulated_agreement"] == 1.0
+    assert set(fp32) <= set(int8_candidates(model)) and len(set(fp32)) == len(fp32)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad(), simulated_int8(model, int8_candidates(model)):
+        w = model.blocks[0].attn.qkv.weight
+        steps = w / (w.abs().amax(1, keepdim=True) / 127)  # int8 weights: integer multiples of their scale
+        assert torch.allclose(steps, steps.round(), atol=1e-3)

@@ -145,17 +145,24 @@ class ExpertMlp(nn.Module):
         return self._forward_gather(x, routing)
 
     def _forward_gather(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        # The K chosen experts of an image side by side: one [D, K*H] and one [K*H, D] matrix per image, so
+        # each layer is one bmm whatever K is. The gates scale the hidden units, which makes fc2's matmul do
+        # the weighted sum over experts: sum_k g_k (h_k W2_k + b2_k) = [g_1 h_1 .. g_K h_K] [W2_1; ..; W2_K]
+        # + sum_k g_k b2_k. Nothing is expanded or summed outside the matmuls, which keeps the whole MLP
+        # inside XNNPACK when exported.
         B, T, D = x.shape
         K = routing.expert_idx.shape[1]
+        H = self.fc1_weight.shape[2]
         idx = routing.expert_idx.reshape(-1)  # [B*K]
-        w1 = self.fc1_weight.index_select(0, idx)  # [B*K, D, H]
-        b1 = self.fc1_bias.index_select(0, idx).unsqueeze(1)  # [B*K, 1, H]
-        w2 = self.fc2_weight.index_select(0, idx)  # [B*K, H, D]
-        b2 = self.fc2_bias.index_select(0, idx).unsqueeze(1)  # [B*K, 1, D]
-        xk = x.unsqueeze(1).expand(B, K, T, D).reshape(B * K, T, D)  # [B*K, T, D]
-        h = self.drop(self.act(torch.baddbmm(b1, xk, w1)))  # [B*K, T, H]
-        y = self.drop(torch.baddbmm(b2, h, w2)).reshape(B, K, T, D)
-        return (y * routing.gates.reshape(B, K, 1, 1).to(y.dtype)).sum(dim=1)
+        w1 = self.fc1_weight.index_select(0, idx).reshape(B, K, D, H)
+        w1 = w1.transpose(1, 2).reshape(B, D, K * H) if K > 1 else w1.reshape(B, D, H)  # [B, D, K*H]
+        b1 = self.fc1_bias.index_select(0, idx).reshape(B, 1, K * H)
+        w2 = self.fc2_weight.index_select(0, idx).reshape(B, K * H, D)
+        gates = routing.gates.to(x.dtype)  # [B, K]
+        b2 = torch.bmm(gates.unsqueeze(1), self.fc2_bias.index_select(0, idx).reshape(B, K, D))  # [B, 1, D]
+        h = self.drop(self.act(torch.baddbmm(b1, x, w1)))  # [B, T, K*H]
+        h = (h.reshape(B, T, K, H) * gates.reshape(B, 1, K, 1)).reshape(B, T, K * H)
+        return self.drop(torch.baddbmm(b2, h, w2))  # [B, T, D]
 
     def _forward_grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # Training path: one dense matmul per expert over the images routed to it (Python control flow).
