@@ -58,6 +58,11 @@ def main() -> None:
     x = torch.randn(1, 3, H, W)
     calib = [torch.randn(1, 3, H, W) for _ in range(8)]
 
+    if args.threads:
+        # Before any program is loaded: resetting the pool under loaded XNNPACK programs hangs the next run.
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(args.threads)
     runners: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="export-latency-") as tmp:
         for key, m in models.items():
@@ -82,11 +87,6 @@ def main() -> None:
             (Path(tmp) / f"{key}.pte").write_bytes(buf)
             runners[f"pte/{key}"] = PteRunner(Path(tmp) / f"{key}.pte")
             print(f"lowered pte {key} in {time.perf_counter() - t0:.0f} s", flush=True)
-        if args.threads:
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(args.threads)
-
         keys = list(runners)
         for k in keys:
             for _ in range(args.warmup):

@@ -29,9 +29,11 @@ __all__ = ["FP32_MODULES", "int8_candidates", "simulated_int8", "select_fp32_lay
 # Both are one token's matmul, so keeping them fp32 costs nothing measurable.
 FP32_MODULES = ("head", "router")
 
-# Agreement margin over the bar when choosing layers on the tuning images: with 500 images the agreement's
-# standard error near 99 % is ~0.45 points, and the held-out check must not fail on the difference.
-TUNE_MARGIN = 0.005
+# Agreement margin over the bar when choosing layers on the tuning images. Near 99 %, 500 images estimate an
+# agreement to ~0.45 points (one standard error), so the tuning and verification estimates differ by ~0.63
+# points; 0.5 was too little: the default pipeline's dense model reached 99.5 % on its tuning images and
+# exactly 99.0 % on the verification ones.
+TUNE_MARGIN = 0.007
 # Images used to rank the layers by their own damage. On the demo MoE, ranking on 64 images returned 17 of 20
 # linears to fp32 and ranking on 500 returned 13; 256 bounds the cost on large models (one pass per linear).
 RANK_IMAGES = 256

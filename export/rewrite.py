@@ -7,7 +7,8 @@ ExecuTorch's portable kernels running between them:
   where / mul.Scalar) that XNNPACK does not take. On mobile_vmoe_tiny_patch16_224 (1 thread) those portable ops
   took 13.5 of 37 ms, more than every fp32 linear together;
 * the XNNPACK partitioner has no layer norm, so every norm (two per block) ends a subgraph and runs a portable kernel;
-* a 4-D ``@`` exports as expand_copy + bmm, and ``unbind`` as squeeze_copy: more portable copies.
+* a 4-D ``@`` exports as expand_copy + bmm, and ``unbind`` as squeeze_copy: more portable copies;
+* a MoE router's token mean (mean.dim over a 3-D tensor) is portable too.
 
 ``for_xnnpack`` returns a copy of the model with the same parameters in which timm ``Attention`` computes with
 3-D ``bmm`` and ``nn.LayerNorm`` takes its two statistics as matmuls with a constant averaging vector; every op
@@ -24,6 +25,8 @@ import copy
 import torch
 from timm.layers.attention import Attention
 from torch import nn
+
+from mobile_vmoe.models.moe import Router
 
 __all__ = ["for_xnnpack", "BmmAttention", "MatmulLayerNorm"]
 
@@ -90,12 +93,14 @@ def _rewritable_attention(m: nn.Module) -> bool:
 
 
 def for_xnnpack(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
-    """(eval-mode copy of ``model`` with the rewrites, {"attention": n, "layer_norm": n} modules replaced).
+    """(eval-mode copy of ``model`` with the rewrites, how many modules of each kind were rewritten).
+
+    Also sets ``Router.pool_4d`` (the router's token mean as a 4-D average pool).
 
     Modules that do not match (a gated or rope attention, a multi-dimensional norm) stay as they are.
     """
     model = copy.deepcopy(model).eval()
-    counts = {"attention": 0, "layer_norm": 0}
+    counts = {"attention": 0, "layer_norm": 0, "router_pool": 0}
     # Children before parents: an attention's q/k norms are swapped before the attention hands them over.
     for parent in reversed(list(model.modules())):
         for name, child in list(parent.named_children()):
@@ -105,4 +110,7 @@ def for_xnnpack(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
             elif isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
                 setattr(parent, name, MatmulLayerNorm(child))
                 counts["layer_norm"] += 1
+        if isinstance(parent, Router) and parent.summary == "mean":
+            parent.pool_4d = True
+            counts["router_pool"] += 1
     return model, counts

@@ -138,12 +138,16 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         assert isinstance(d["portable_ops"], dict)  # reported, even where empty
         # The XNNPACK rewrite ran: every attention and norm, and none of them left on portable kernels.
         n_blocks = len(net.blocks) + len(net.moe_blocks)
-        assert d["rewrites"] == {"attention": n_blocks, "layer_norm": 2 * n_blocks + 1 + (kind == "moe")}
-        assert not {"aten_native_layer_norm_default", "aten_where_self", "aten_bmm_default"} & set(
-            d["portable_ops"]
-        )
-        # dense: one subgraph after the class token's concat; MoE: routing (topk, index_select) splits it
-        assert d["num_delegated_subgraphs"] <= (2 if kind == "dense" else 7)
+        moe = kind == "moe"
+        assert d["rewrites"] == {
+            "attention": n_blocks,
+            "layer_norm": 2 * n_blocks + 1 + moe,
+            "router_pool": moe,
+        }
+        left = {"aten_native_layer_norm_default", "aten_where_self", "aten_bmm_default", "aten_mean_dim"}
+        assert not left & set(d["portable_ops"])
+        # dense: one subgraph after the class token's concat; MoE: routing (topk, index_select) splits it once
+        assert d["num_delegated_subgraphs"] <= (2 if kind == "dense" else 3)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-static"])
@@ -268,7 +272,8 @@ def test_xnnpack_rewrite_keeps_the_maths():
     copy, counts = for_xnnpack(model)
     n_blocks = len(model.blocks) + len(model.moe_blocks)
     # per block: norm1, norm2 and the q/k norms; then the final norm and the router's
-    assert counts == {"attention": n_blocks, "layer_norm": 4 * n_blocks + 2}
+    assert counts == {"attention": n_blocks, "layer_norm": 4 * n_blocks + 2, "router_pool": 1}
+    assert copy.router.pool_4d and not model.router.pool_4d
     assert sum(isinstance(m, BmmAttention) for m in copy.modules()) == n_blocks
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in copy.modules())
     assert sum(isinstance(m, MatmulLayerNorm) for m in copy.modules()) == counts["layer_norm"]

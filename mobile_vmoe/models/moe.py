@@ -61,12 +61,18 @@ class Router(nn.Module):
         self.summary = summary
         self.renormalize = renormalize
         self.num_prefix_tokens = num_prefix_tokens
+        # Take the token mean as a 4-D average pool: the same numbers in an op XNNPACK runs (its partitioner
+        # takes mean.dim only over the last two dims of a 4-D tensor). export/rewrite.py turns it on.
+        self.pool_4d = False
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, num_experts)
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor | None = None) -> Routing:
         """x: [B, T, D]. ``expert_idx`` [B, K] (or [B]) forces the choice, e.g. for analysis."""
-        if self.summary == "mean":
+        if self.summary == "mean" and self.pool_4d:
+            s = x[:, self.num_prefix_tokens :].transpose(1, 2).unsqueeze(-1)  # [B, D, T', 1]
+            s = s.mean(dim=(2, 3), keepdim=True).flatten(1)  # [B, D]
+        elif self.summary == "mean":
             s = x[:, self.num_prefix_tokens :].mean(dim=1)  # [B, D]
         else:
             s = x[:, 0]  # [B, D]
