@@ -69,7 +69,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--quantize",
         choices=sorted(INT8_SCHEMES),
         default=None,
-        help="pte: int8 = PT2E dynamic int8 MLPs, int8-static = PT2E static int8 calibrated on real images; "
+        help="pte: int8 = PT2E dynamic int8 transformer linears, int8-static = PT2E static int8 calibrated on real images; "
         "coreml: int8 = int8 weights",
     )
     p.add_argument("--out", default=None, help="artifact path (default: <checkpoint or model name>.<ext>)")
@@ -85,8 +85,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--num-calibrate",
         type=int,
         default=DEFAULT_NUM_CALIBRATE,
-        help="training images for int8: int8-static calibration, and int8's accuracy-aware choice of fp32 "
-        "layers (500)",
+        help="int8 images: int8-static calibrates on this many training images, int8 chooses its fp32 "
+        "layers on this many held-out images that verification does not use (500)",
     )
     p.add_argument("--atol", type=float, default=None, help="max abs logit difference (fp32 default 1e-4)")
     p.add_argument(

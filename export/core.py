@@ -25,13 +25,13 @@ from torch import nn
 from ..checkpoint import resolve_model_file
 from ..common import UserError, atomic_path
 from . import formats
-from .quantize import select_fp32_layers
+from .quantize import eager_logits, select_fp32_layers
 
 __all__ = ["export_model", "VerificationError", "FORMATS", "DEFAULT_NUM_VERIFY"]
 
 FORMATS: dict[str, str] = {"pte": ".pte", "coreml": ".mlpackage", "onnx": ".onnx"}
 DEFAULT_NUM_VERIFY = 500
-DEFAULT_NUM_CALIBRATE = 500  # training images: int8-static calibration, int8 layer choice
+DEFAULT_NUM_CALIBRATE = 500  # int8-static calibration (training images), int8's layer choice (held-out)
 FP32_ATOL = 1e-4
 INT8_MIN_AGREEMENT = 0.99
 _LIBS = ("torch", "timm", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript")
@@ -225,11 +225,6 @@ def _images(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():  # no grad: the MoE takes its gather path, the one that was exported
-        return torch.cat([model(x[i : i + 64]) for i in range(0, x.shape[0], 64)])
-
-
 def _parity(
     ref: torch.Tensor, out: torch.Tensor, atol: float | None, min_agreement: float | None
 ) -> tuple[dict[str, Any], list[str]]:
@@ -342,7 +337,7 @@ def export_model(
 
     Source: ``checkpoint`` (a model file or run directory) or ``model`` (+ ``model_kwargs``), the latter with
     random weights (seeded by ``seed``; said in the output and the sidecar). ``quantize``: for pte ``"int8"``
-    (PT2E dynamic int8 of the MLP linears) or ``"int8-static"`` (PT2E static int8, calibrated on
+    (PT2E dynamic int8 of the transformer linears) or ``"int8-static"`` (PT2E static int8, calibrated on
     ``num_calibrate`` training images; see ``formats.lower_pte``); for coreml ``"int8"``: int8 weights. With an
     agreement bar, ``"int8"`` first returns the linears that cost most agreement to fp32, chosen in simulation
     on ``num_calibrate`` images like the verification ones but disjoint from them (held-out, then val, then
@@ -406,7 +401,7 @@ def export_model(
         raise UserError(
             "int8-static quantisation needs calibration images, and the dataset's train/ split gave none"
         )
-    ref = _eager(net, imgs.verify)
+    ref = eager_logits(net, imgs.verify)
     example = imgs.verify[:1]
 
     if quantize:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .quantize import FP32_MODULES
+from .quantize import int8_candidates
 
 __all__ = [
     "lower_pte",
@@ -68,12 +68,11 @@ INT8_SCHEMES = {
 }
 
 
-def _quantizable(keep_fp32: Collection[str]) -> Callable[[Any], bool]:
-    """Quantizer filter: nodes outside the head, the router and the named modules."""
+def _in_modules(names: Collection[str]) -> Callable[[Any], bool]:
+    """Quantizer filter: nodes inside one of the named modules."""
 
     def f(node: Any) -> bool:
-        paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-        return not any(p in keep_fp32 or p.split(".")[0] in FP32_MODULES for p in paths)
+        return any(path in names for path, _ in node.meta.get("nn_module_stack", {}).values())
 
     return f
 
@@ -123,7 +122,7 @@ def lower_pte(
             if quantize == "int8":
                 cfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
                 quantizer.set_operator_type(torch.ops.aten.linear.default, cfg)
-                quantizer.filter_fn = _quantizable(set(keep_fp32))
+                quantizer.filter_fn = _in_modules(set(int8_candidates(model)) - set(keep_fp32))
                 calibration = [example]  # dynamic: scales come from each input, nothing to calibrate
             else:
                 # Linear and conv only: int8 residual adds/muls cost ViTs top-1 agreement (90% with everything

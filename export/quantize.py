@@ -3,7 +3,7 @@
 Dynamic int8 (``--quantize int8``) makes every transformer linear int8 by default: on ViT-Tiny 224 that is what
 brings the .pte to 0.60x fp32 latency (benchmarks/export_latency.py). A small, low-confidence model can lose too
 many top-1 decisions that way. The built-in demo models (D=64, ~45 % top-1, many near-tied logits) agree with
-fp32 on 98.2-99.0 % of images, around the 99 % bar, and weights alone or activations alone each flip ~0.8 %.
+fp32 on 98.2-99.2 % of images, around the 99 % bar, and weights alone or activations alone each flip ~0.8 %.
 So before lowering, export simulates the int8 model in eager PyTorch on held-out images that verification does
 not use (training images are fitted and flip far less), and returns the most damaging linears to fp32, one at a
 time, until the simulated agreement clears the bar by a margin. The real .pte is then verified as usual.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP32_MODULES", "int8_candidates", "simulated_int8", "select_fp32_layers"]
+__all__ = ["FP32_MODULES", "eager_logits", "int8_candidates", "simulated_int8", "select_fp32_layers"]
 
 # Linears that stay fp32 whatever the images say. The head: at D=64 its int8 logits flip near-tied classes
 # (the demo dense model's agreement fell from 99.2 to 97.8 %). The router: an int8 flip changes the experts.
@@ -84,8 +84,9 @@ def simulated_int8(model: nn.Module, layers: Collection[str]) -> Iterator[None]:
             hook.remove()
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
+def eager_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits [N, C] of images [N, 3, H, W], 64 at a time."""
+    with torch.no_grad():  # no grad: the MoE takes its gather path, the one that is exported
         return torch.cat([model(x[i : i + 64]) for i in range(0, x.shape[0], 64)])
 
 
@@ -95,16 +96,16 @@ def select_fp32_layers(
     """(linears to keep fp32, a report) so that simulated int8 top-1 agreement on ``images`` >= the bar + margin.
 
     Returns every candidate when even that does not reach the target (the caller's verification then fails
-    with the real figures). ``images``: [N, 3, H, W], normalised; training images nothing else uses.
+    with the real figures). ``images``: [N, 3, H, W], normalised, disjoint from the verification images.
     """
     target = min(1.0, min_agreement + TUNE_MARGIN)
     candidates = int8_candidates(model)
-    ref = _logits(model, images)
+    ref = eager_logits(model, images)
     top1 = ref.argmax(-1)
 
     def agreement(fp32: Collection[str]) -> float:
         with simulated_int8(model, [n for n in candidates if n not in fp32]):
-            return float((_logits(model, images).argmax(-1) == top1).float().mean())
+            return float((eager_logits(model, images).argmax(-1) == top1).float().mean())
 
     report: dict[str, Any] = {"images": int(images.shape[0]), "target_agreement": target}
     fp32: list[str] = []
@@ -117,7 +118,7 @@ def select_fp32_layers(
         damage = {}
         for name in candidates:
             with simulated_int8(model, [name]):
-                logp = F.log_softmax(_logits(model, sub), dim=-1)
+                logp = F.log_softmax(eager_logits(model, sub), dim=-1)
             damage[name] = float(F.kl_div(logp, logp_ref, log_target=True, reduction="batchmean"))
         for name in sorted(candidates, key=damage.__getitem__, reverse=True):
             fp32.append(name)

@@ -161,7 +161,8 @@ class ExpertMlp(nn.Module):
         H = self.fc1_weight.shape[2]
         idx = routing.expert_idx.reshape(-1)  # [B*K]
         w1 = self.fc1_weight.index_select(0, idx).reshape(B, K, D, H)
-        w1 = w1.transpose(1, 2).reshape(B, D, K * H) if K > 1 else w1.reshape(B, D, H)  # [B, D, K*H]
+        # [B, D, K*H]; with K=1 a plain reshape, so no transpose op lands in the exported graph
+        w1 = w1.transpose(1, 2).reshape(B, D, K * H) if K > 1 else w1.reshape(B, D, H)
         b1 = self.fc1_bias.index_select(0, idx).reshape(B, 1, K * H)
         w2 = self.fc2_weight.index_select(0, idx).reshape(B, K * H, D)
         gates = routing.gates.to(x.dtype)  # [B, K]
