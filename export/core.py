@@ -275,7 +275,7 @@ def _coreml_structure(
             f"MIL program gathers {len(stats['expert_weight_gathers'])} stacked [E={E}, ...] expert weights, "
             f"expected >= {2 * L} (fc1 and fc2 of {L} MoE blocks)"
         )
-    # Expected extra: the router's projection, and per MoE block the gated fc2 bias (gates @ b2, a bmm).
+    # Expected extra: the router's projection, and with K > 1 per MoE block the gated fc2 bias (gates @ b2).
     if extra > 1 + 2 * L:
         failures.append(
             f"MIL program has {stats['matmul_ops']} matmul/linear ops vs {dense_mm} for the dense twin: "
