@@ -66,7 +66,7 @@ class BmmAttention(nn.Module):
 
 
 class MatmulLayerNorm(nn.Module):
-    """LayerNorm over the last dimension with mean and variance taken as a linear map with weights 1/D (an XNNPACK matmul)."""
+    """LayerNorm over the last dimension; mean and variance come from a linear map with weights 1/D (XNNPACK's)."""
 
     def __init__(self, norm: nn.LayerNorm) -> None:
         super().__init__()
