@@ -390,9 +390,20 @@ def export_model(
         print(f"note: {model_name} has RANDOM weights (no checkpoint): for latency work only")
 
     size, mean, std = _model_geometry(net, extra)
+    atol_eff: float | None = None
+    agree_eff: float | None = None
+    if fmt != "coreml":
+        if quantize:
+            atol_eff = atol
+            agree_eff = min_top1_agreement
+            if agree_eff is None and not random_weights:
+                agree_eff = INT8_MIN_AGREEMENT
+        else:
+            atol_eff = FP32_ATOL if atol is None else atol
+            agree_eff = 1.0 if min_top1_agreement is None else min_top1_agreement
     need_calib = quantize == "int8-static"
     # The dynamic scheme picks its fp32 layers on images of its own wherever an agreement bar applies.
-    tune = fmt == "pte" and quantize == "int8" and (min_top1_agreement is not None or not random_weights)
+    tune = fmt == "pte" and quantize == "int8" and agree_eff is not None
     imgs = _images(
         extra, data, data_root, size, mean, std, num_verify, num_calibrate if need_calib else 0,
         num_calibrate if tune else 0,
@@ -412,17 +423,6 @@ def export_model(
         precision = "fp32"
     if palettize_bits:
         precision += f"+palettized{palettize_bits}"
-    atol_eff: float | None = None
-    agree_eff: float | None = None
-    if fmt != "coreml":
-        if quantize:
-            atol_eff = atol
-            agree_eff = min_top1_agreement
-            if agree_eff is None and not random_weights:
-                agree_eff = INT8_MIN_AGREEMENT
-        else:
-            atol_eff = FP32_ATOL if atol is None else atol
-            agree_eff = 1.0 if min_top1_agreement is None else min_top1_agreement
 
     report: dict[str, Any] = {
         "format": fmt,
@@ -456,7 +456,7 @@ def export_model(
         if fmt == "pte":
             keep_fp32: list[str] = []
             tuning = None
-            if tune and agree_eff is not None and imgs.tune.shape[0]:
+            if tune and imgs.tune.shape[0]:
                 keep_fp32, tuning = select_fp32_layers(net, imgs.tune, agree_eff)
                 if verbose and keep_fp32:
                     print(
@@ -469,7 +469,7 @@ def export_model(
                 report["quantization"] = {
                     "name": quantize,
                     "scheme": formats.INT8_SCHEMES[quantize],
-                    "calibration_images": len(imgs.calibrate) if quantize == "int8-static" else 0,
+                    "calibration_images": len(imgs.calibrate),  # empty unless int8-static
                     "fp32_layers": keep_fp32,
                     "layer_choice": tuning,
                 }

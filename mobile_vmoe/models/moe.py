@@ -164,18 +164,17 @@ class ExpertMlp(nn.Module):
         w2 = self.fc2_weight.index_select(0, idx)  # [B*K, H, D]
         b1 = self.fc1_bias.index_select(0, idx).reshape(B, 1, K * H)
         b2 = self.fc2_bias.index_select(0, idx).reshape(B, K, D)
-        if K == 1:
-            # The gathered weights are [B, D, H] and [B, H, D] already: no reshape, which on export would be a
-            # copy inside XNNPACK (a reshape of a delegate input; 0.02 ms per ViT-Tiny expert matrix). The gate
-            # scales the [T, D] output, 4x fewer elements than the hidden units.
-            h = self.drop(self.act(torch.baddbmm(b1, x, w1)))  # [B, T, H]
-            return self.drop(torch.baddbmm(b2, h, w2)) * gates.reshape(B, 1, 1)  # [B, T, D]
-        w1 = w1.reshape(B, K, D, H).transpose(1, 2).reshape(B, D, K * H)
-        w2 = w2.reshape(B, K * H, D)
-        b2 = torch.bmm(gates.unsqueeze(1), b2)  # [B, 1, D]
+        if K > 1:
+            w1 = w1.reshape(B, K, D, H).transpose(1, 2).reshape(B, D, K * H)
+            w2 = w2.reshape(B, K * H, D)
+        # With K=1 the gathered weights are [B, D, H] and [B, H, D] already: no reshape, which on export would
+        # be a copy inside XNNPACK (a reshape of a delegate input; 0.02 ms per ViT-Tiny expert matrix).
         h = self.drop(self.act(torch.baddbmm(b1, x, w1)))  # [B, T, K*H]
+        if K == 1:
+            # one expert: the gate scales the [T, D] output, 4x fewer elements than the hidden units
+            return self.drop(torch.baddbmm(b2, h, w2)) * gates.reshape(B, 1, 1)  # [B, T, D]
         h = (h.reshape(B, T, K, H) * gates.reshape(B, 1, K, 1)).reshape(B, T, K * H)
-        return self.drop(torch.baddbmm(b2, h, w2))  # [B, T, D]
+        return self.drop(torch.baddbmm(torch.bmm(gates.unsqueeze(1), b2), h, w2))  # [B, T, D]
 
     def _forward_grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # Training path: one dense matmul per expert over the images routed to it (Python control flow).
