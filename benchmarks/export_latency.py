@@ -4,8 +4,9 @@ Prints three ratios through the ExecuTorch runtime (XNNPACK), and (a), (b) again
     (a) MoE / dense at equal active width (ViT-Tiny, 224 px: mobile_vmoe_tiny vs mobile_vit_tiny)   goal <= 1.05
     (b) E=16 / E=4 experts (same MoE otherwise): sparse compute, latency must not grow with E         goal <= 1.05
     (c) int8 / fp32 (.pte, the E=10 MoE), for both int8 schemes (default dynamic, int8-static)          goal <= 0.70
-and, for information, what export's XNNPACK rewrite (export/rewrite.py) gains: the E=10 MoE lowered as it is
-(SDPA, LayerNorm) against the rewritten model that every .pte export uses.
+and, for information, (d) what export's XNNPACK rewrite (export/rewrite.py) gains: the E=10 MoE lowered as it is
+(SDPA, LayerNorm) against the rewritten model that every .pte export uses; (e) what the expert switch
+(export/switch.py: experts as cond branches with constant weights) gains over the gather form, on both runtimes.
 Weights are random (latency does not depend on them; int8-static's observers are calibrated on random inputs).
 Models of one runtime run in interleaved rounds (every model once per round, in shuffled order) so that load
 on this shared machine hits all of them alike; ratios are of the medians over all rounds. Each runtime is timed
@@ -32,7 +33,7 @@ from mobile_vmoe.export.formats import INT8_SCHEMES, OnnxRunner, PteRunner, expo
 import mobile_vmoe.models  # noqa: F401  (registers the model names)
 from mobile_vmoe.bench import latency_stats
 
-GOALS = {"a": 1.05, "b": 1.05, "c": 0.70, "d": None}  # (d): information, no goal
+GOALS = {"a": 1.05, "b": 1.05, "c": 0.70, "d": None, "e": None}  # (d), (e): information, no goal
 
 
 def build(name: str, **kwargs: object) -> torch.nn.Module:
@@ -108,15 +109,20 @@ def main() -> None:
                 else:
                     export_onnx(m, x, path)
                 print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
-        # "int8" (dynamic, transformer linears), "int8-static" (calibrated, linear + conv), and fp32 without
-        # the XNNPACK rewrite.
-        variants = [(f"moe_e10_{scheme}", scheme, True) for scheme in INT8_SCHEMES]
-        variants.append(("moe_e10_norewrite", None, False))
-        for key, scheme, rewrite in variants:
+        # "int8" (dynamic, transformer linears), "int8-static" (calibrated, linear + conv), fp32 without the
+        # XNNPACK rewrite, and fp32 with the gather form instead of the expert switch (export/switch.py).
+        variants = [(f"moe_e10_{scheme}", scheme, True, True) for scheme in INT8_SCHEMES]
+        variants += [("moe_e10_norewrite", None, False, True), ("moe_e10_gather", None, True, False)]
+        for key, scheme, rewrite, switch in variants:
             t0 = time.perf_counter()
             path = paths[f"pte/{key}"] = Path(tmp) / f"{key}.pte"
-            path.write_bytes(lower_pte(models["moe_e10"], x, scheme, calib, xnnpack_rewrite=rewrite)[0])
+            buf = lower_pte(
+                models["moe_e10"], x, scheme, calib, xnnpack_rewrite=rewrite, expert_switch=switch
+            )[0]
+            path.write_bytes(buf)
             print(f"lowered pte {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+        path = paths["onnx/moe_e10_gather"] = Path(tmp) / "moe_e10_gather.onnx"
+        export_onnx(models["moe_e10"], x, path, expert_switch=False)
         # Each runtime is timed in a fresh process of its own, as an app would run it: in one process, ONNX
         # Runtime's sessions slowed the ExecuTorch MoE more than the dense model (MoE/dense +0.01 with the
         # sessions merely loaded, up to +0.04 when they ran in between).
@@ -140,8 +146,10 @@ def main() -> None:
         ("c", "int8 / fp32 (MoE)  ", "pte", "moe_e10_int8", "moe_e10"),
         ("c", "int8-static / fp32 ", "pte", "moe_e10_int8-static", "moe_e10"),
         ("d", "rewrite / as is    ", "pte", "moe_e10", "moe_e10_norewrite"),
+        ("e", "switch / gather    ", "pte", "moe_e10", "moe_e10_gather"),
         ("a", "MoE(E=10) / dense  ", "onnx", "moe_e10", "dense"),
         ("b", "E=16 / E=4         ", "onnx", "moe_e16", "moe_e4"),
+        ("e", "switch / gather    ", "onnx", "moe_e10", "moe_e10_gather"),
     ]
     # The spread of the ratio over rounds (per-round medians, middle half) shows how much of a value is
     # this machine's noise: on a shared 2-core host a single round's ratio moves by several percent.

@@ -478,8 +478,14 @@ def export_model(
             report["parity"]["runtime"] = "executorch.runtime (XNNPACK)"
         elif fmt == "onnx":
             formats.export_onnx(net, example, tmp)
-            got = formats.OnnxRunner(tmp)(imgs.verify)
+            runner = formats.OnnxRunner(tmp)
+            # One image per run, as an app runs it (a MoE takes its expert switch), and then all images as one
+            # batch (mixed routing: a MoE's gather form): both must match eager.
+            got = torch.cat([runner(x[None]) for x in imgs.verify])
             report["parity"], failures = _parity(ref, got, atol_eff, agree_eff)
+            batched, batch_failures = _parity(ref, runner(imgs.verify), atol_eff, agree_eff)
+            report["parity"]["batched"] = {k: batched[k] for k in ("max_abs_diff", "top1_agreement")}
+            failures += [f"in one batch: {f}" for f in batch_failures]
             report["parity"]["runtime"] = "onnxruntime CPUExecutionProvider"
         else:
             mlmodel = formats.convert_coreml(

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mobile_vmoe.models.moe import ExpertMlp, Router
+
 from .quantize import int8_candidates
+from .switch import switch_experts
 
 __all__ = [
     "lower_pte",
@@ -38,24 +41,32 @@ __all__ = [
 
 
 def _delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
-    """Which edge ops went into XNNPACK subgraphs and which stay on ExecuTorch's portable kernels."""
-    from executorch.devtools.backend_debug import get_delegation_info
+    """Which edge ops went into XNNPACK subgraphs and which stay on ExecuTorch's portable kernels.
 
-    info = get_delegation_info(graph_module)
-    delegated: dict[str, int] = {}
-    portable: dict[str, int] = {}
-    for name, b in sorted(info.delegation_by_operator.items()):
-        if name == "getitem":  # tuple unpacking, not a kernel
-            continue
-        if b.delegated:
-            delegated[name] = b.delegated
-        if b.non_delegated:
-            portable[name] = b.non_delegated
+    Counts the branches of control flow (``torch.cond``) too: an expert switch's experts are delegates there.
+    """
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir.graph_module import get_control_flow_submodules
+
+    delegated: collections.Counter[str] = collections.Counter()
+    portable: collections.Counter[str] = collections.Counter()
+    subgraphs = 0
+    todo = [graph_module]
+    while todo:
+        gm = todo.pop()
+        info = get_delegation_info(gm)
+        subgraphs += info.num_delegated_subgraphs
+        for name, b in info.delegation_by_operator.items():
+            if name == "getitem":  # tuple unpacking, not a kernel
+                continue
+            delegated[name] += b.delegated
+            portable[name] += b.non_delegated
+        todo.extend(sub for _, sub, _ in get_control_flow_submodules(gm))
     return {
         "backend": "XnnpackBackend",
-        "num_delegated_subgraphs": info.num_delegated_subgraphs,
-        "delegated_ops": delegated,
-        "portable_ops": portable,
+        "num_delegated_subgraphs": subgraphs,
+        "delegated_ops": {k: v for k, v in sorted(delegated.items()) if v},
+        "portable_ops": {k: v for k, v in sorted(portable.items()) if v},
     }
 
 
@@ -85,11 +96,16 @@ def lower_pte(
     *,
     keep_fp32: Collection[str] = (),
     xnnpack_rewrite: bool = True,
+    expert_switch: bool = True,
 ) -> tuple[bytes, dict[str, Any]]:
     """Eval-mode model -> (.pte bytes, delegation report); ``quantize`` one of ``INT8_SCHEMES``.
 
     ``xnnpack_rewrite`` (default on) lowers ``rewrite.for_xnnpack(model)``: the same maths with attention and
     layer norm in ops XNNPACK runs, so whole blocks stay in one XNNPACK subgraph (off: for comparison only).
+    ``expert_switch`` (default on) runs a MoE's experts as ``torch.cond`` branches, each expert lowered to
+    XNNPACK on its own with constant weights (``switch.switch_experts``), instead of gathering the chosen
+    experts' weights every inference. fp32 with K=1 only: PT2E quantization does not enter ``cond`` branches, and
+    with K > 1 executorch 1.5 can alias two conds' outputs; those keep the gather form (the report says why).
     ``"int8"`` (default int8): dynamic quantisation of the transformer's linears but ``keep_fp32`` (module
     names; ``quantize.select_fp32_layers`` picks them for a trained model). Top-1 agreement with fp32 on
     500 held-out images of the built-in demo models (D=64, 16 tokens; dense / MoE; the range over different
@@ -109,8 +125,23 @@ def lower_pte(
     rewrites = None
     if xnnpack_rewrite:
         model, rewrites = for_xnnpack(model)
+    moe = any(isinstance(m, ExpertMlp) for m in model.modules())
+    top_k = max((m.top_k for m in model.modules() if isinstance(m, Router)), default=0)
+    gather_why = None
+    if moe and not expert_switch:
+        gather_why = "expert_switch=False"
+    elif moe and quantize is not None:
+        gather_why = "int8: PT2E quantization does not enter torch.cond branches"
+    elif moe and top_k > 1:
+        # K > 1 keeps the first expert's cond output alive while the next expert's cond runs, and executorch
+        # 1.5's memory planner can place both in the same arena (wrong outputs; pytorch/executorch#21490).
+        gather_why = "K > 1: sibling cond outputs can alias in ExecuTorch's memory plan (executorch#21490)"
+    switch = moe and gather_why is None
+    if switch:
+        model = switch_experts(model, example, lowered=True)
     with torch.no_grad():
-        ep = torch.export.export(model, (example,))
+        # strict: a program that calls lowered modules only traces with dynamo (see switch.py)
+        ep = torch.export.export(model, (example,), strict=switch)
         if quantize is not None:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
                 XNNPACKQuantizer,
@@ -146,6 +177,9 @@ def lower_pte(
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     report = _delegation_report(edge.exported_program().graph_module)
     report["rewrites"] = rewrites
+    report["expert_dispatch"] = "switch" if switch else "gather" if moe else None
+    if gather_why:
+        report["expert_dispatch_reason"] = gather_why
     return edge.to_executorch().buffer, report
 
 
@@ -168,10 +202,22 @@ class PteRunner:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> None:
-    """torch.onnx dynamo export with a dynamic batch axis, weights inside the one file, then onnx's checker."""
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *, expert_switch: bool = True
+) -> None:
+    """torch.onnx dynamo export with a dynamic batch axis, weights inside the one file, then onnx's checker.
+
+    ``expert_switch`` (default on): a MoE's experts become ``If`` branches with constant weights, which ONNX
+    Runtime pre-packs (``switch.ExpertSwitch``); a batch whose images chose different experts takes the gather
+    form. Off: the gather form only.
+    """
     import onnx
 
+    if expert_switch and any(isinstance(m, ExpertMlp) for m in model.modules()):
+        model = switch_experts(model)
+    if example.shape[0] == 1:
+        # Traced at batch 1, a cond branch specialises the batch to 1 (torch specialises sizes 0 and 1).
+        example = example.expand(2, *example.shape[1:])
     with torch.no_grad():
         torch.onnx.export(
             model,

@@ -147,8 +147,17 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         }
         left = {"aten_native_layer_norm_default", "aten_where_self", "aten_bmm_default", "aten_mean_dim"}
         assert not left & set(d["portable_ops"])
-        # dense: one subgraph after the class token's concat; MoE: routing (topk, index_select) splits it once
-        assert d["num_delegated_subgraphs"] <= (2 if kind == "dense" else 3)
+        if not moe:  # one subgraph after the class token's concat
+            assert d["num_delegated_subgraphs"] <= 2 and d["expert_dispatch"] is None
+        else:
+            # The expert switch: the router's topk and each MoE block's cond split the main graph (L + 2
+            # subgraphs), and every expert is a delegate of its own in a cond branch (E * L); no gather.
+            E, L = routing["E"], routing["L"]
+            assert d["expert_dispatch"] == "switch" and d["num_delegated_subgraphs"] == L + 2 + E * L
+            assert (
+                d["portable_ops"]["cond"] == L * (E - 1)
+                and "aten_index_select_default" not in d["portable_ops"]
+            )
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-static"])

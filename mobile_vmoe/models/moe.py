@@ -94,7 +94,8 @@ class ExpertMlp(nn.Module):
     control flow, so torch.export / ExecuTorch / Core ML / ONNX keep the sparse compute (computing all experts and
     selecting costs 2.5x dense on device, the gather form costs the same as dense; ../shared/NOTES.md).
     With gradients on, ``dispatch="auto"`` groups the images by expert instead, which avoids materialising a
-    [B*K, D, H] weight copy per layer and measured faster on CPU (benchmarks/moe_overhead.py).
+    [B*K, D, H] weight copy per layer and measured faster on CPU (benchmarks/moe_overhead.py). The .pte and
+    .onnx exports replace the gather with one ``torch.cond`` branch per expert (export/switch.py).
     """
 
     def __init__(

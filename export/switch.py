@@ -1,0 +1,186 @@
+"""Exported MoE programs that run only the chosen expert, with that expert's weights as constants.
+
+The gather form of ``ExpertMlp`` (index_select the chosen experts' weights from the [E, D, H] stack, then bmm)
+keeps the compute sparse, but each inference copies the chosen weights out of the stack and the runtime packs
+them again for its matmul kernel, where a dense model's weights are packed once, at load. On ViT-Tiny (L=2,
+2 threads) that was most of the MoE's cost over dense: ExecuTorch's portable index_select 0.27 ms and XNNPACK's
+repacking 0.14 ms of a ~0.45 ms gap; in ONNX Runtime Gather 0.28 ms and unpacked MatMuls 0.18 ms.
+
+``ExpertSwitch`` runs the experts as branches of a binary tree of ``torch.cond`` on the expert id (depth
+ceil(log2 E), scalar comparisons), so each branch holds one expert with constant weights:
+
+* ONNX Runtime: a branch slices the stacked parameters at a constant index; ORT folds the slices into
+  initialisers when the session loads, so the branch's MatMuls use pre-packed weights (and fuse bias + GELU).
+* ExecuTorch: the XNNPACK partitioner does not look inside ``cond`` branches, so ``lower_experts`` lowers every
+  expert MLP to XNNPACK on its own first (its weights become constants of that delegate) and the branch calls
+  the lowered module. A program holding lowered modules is exported with ``strict=True``: non-strict export
+  evaluates a lowered module's original program, whose weights are real tensors, under fake tensors, and fails.
+
+Every image of a batch must use the same experts for one branch to serve the batch. ``fallback=True`` (ONNX,
+dynamic batch) adds an outer ``cond`` that sends any other batch through the gather form; without it (a .pte,
+whose batch is static 1) the batch must be one image. Shape letters as in ``mobile_vmoe.models.moe``.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mobile_vmoe.models.moe import ExpertMlp, MoEBlock, Routing
+
+__all__ = ["ExpertSwitch", "switch_experts", "lower_experts", "expert_inputs"]
+
+
+class _OneExpert(nn.Module):
+    """Expert ``e`` of an ``ExpertMlp`` as a dense timm-style MLP (nn.Linear layout): what one delegate holds."""
+
+    def __init__(self, mlp: ExpertMlp, e: int) -> None:
+        super().__init__()
+        _, D, H = mlp.fc1_weight.shape
+        self.fc1, self.act, self.fc2 = nn.Linear(D, H), copy.deepcopy(mlp.act), nn.Linear(H, D)
+        with torch.no_grad():
+            self.fc1.weight.copy_(mlp.fc1_weight[e].t())
+            self.fc1.bias.copy_(mlp.fc1_bias[e])
+            self.fc2.weight.copy_(mlp.fc2_weight[e].t())
+            self.fc2.bias.copy_(mlp.fc2_bias[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ExpertSwitch(nn.Module):
+    """An ``ExpertMlp`` (eval mode) that runs each chosen expert as a ``torch.cond`` branch; see the module doc.
+
+    ``experts``: one callable per expert, [B, T, D] -> [B, T, D] or a one-tensor tuple (a lowered ExecuTorch
+    module); default: the expert's slices of the stacked parameters. ``fallback``: see the module doc.
+    """
+
+    def __init__(
+        self, mlp: ExpertMlp, experts: Sequence[nn.Module] | None = None, fallback: bool = True
+    ) -> None:
+        super().__init__()
+        if experts is not None and len(experts) != mlp.num_experts:
+            raise ValueError(f"need one module per expert ({mlp.num_experts}), got {len(experts)}")
+        self.mlp = mlp  # the parameters, and the gather form for mixed batches
+        self.experts = None if experts is None else nn.ModuleList(experts)
+        self.fallback = fallback
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.experts is not None:
+            y = self.experts[e](x)
+            return y[0] if isinstance(y, (tuple, list)) else y
+        m = self.mlp
+        return m.act(x @ m.fc1_weight[e] + m.fc1_bias[e]) @ m.fc2_weight[e] + m.fc2_bias[e]
+
+    def _switch(self, e: torch.Tensor, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Expert ``e`` (a 0-d id in [lo, hi)) applied to x, by binary search over the ids."""
+        if hi - lo == 1:
+            return self._expert(lo, x)
+        mid = (lo + hi) // 2
+        return torch.cond(
+            e < mid,
+            lambda e, x: self._switch(e, x, lo, mid),
+            lambda e, x: self._switch(e, x, mid, hi),
+            (e, x),
+        )
+
+    def _same_experts(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Every image routed like image 0: sum_k gates[:, k] * expert_{idx[0, k]}(x)."""
+        y = None
+        for k in range(expert_idx.shape[1]):
+            yk = self._switch(expert_idx[0, k], x, 0, self.mlp.num_experts)
+            yk = yk * gates[:, k].reshape(-1, 1, 1).to(x.dtype)
+            y = yk if y is None else y + yk
+        return y
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D], as ``ExpertMlp.forward`` in eval mode."""
+        idx, gates = routing.expert_idx, routing.gates
+        if not self.fallback:
+            torch._check(x.shape[0] == 1, lambda: "ExpertSwitch without fallback runs one image at a time")
+            return self._same_experts(x, idx, gates)
+        same = (idx == idx[:1]).all()
+        return torch.cond(
+            same,
+            self._same_experts,
+            lambda x, idx, gates: self.mlp._forward_gather(x, Routing(routing.logits, idx, gates)),
+            (x, idx, gates),
+        )
+
+
+def expert_inputs(model: nn.Module, example: torch.Tensor) -> dict[ExpertMlp, torch.Size]:
+    """The input shape ([B, T, D]) each ``ExpertMlp`` of ``model`` sees on ``example`` (one eager pass)."""
+    shapes: dict[ExpertMlp, torch.Size] = {}
+
+    def record(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        shapes.setdefault(mod, args[0].shape)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ExpertMlp)]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def lower_experts(mlp: ExpertMlp, shape: Sequence[int]) -> list[nn.Module]:
+    """Each expert of ``mlp`` lowered to XNNPACK on its own, for inputs of ``shape`` ([1, T, D]).
+
+    Raises if any op of an expert stays outside the delegate: the branch calls only the lowered module.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.delegate import executorch_call_delegate
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    x = torch.zeros(*shape)
+    lowered: list[nn.Module] = []
+    for e in range(mlp.num_experts):
+        with torch.no_grad():
+            ep = torch.export.export(_OneExpert(mlp, e).eval(), (x,))
+            gm = (
+                to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+                .exported_program()
+                .graph_module
+            )
+        mods = [m for m in gm.children() if isinstance(m, LoweredBackendModule)]
+        rest = [
+            n.target
+            for n in gm.graph.nodes
+            if n.op == "call_function" and n.target not in (executorch_call_delegate, operator.getitem)
+        ]
+        if len(mods) != 1 or rest:
+            raise RuntimeError(
+                f"expert {e} did not lower to one XNNPACK subgraph: {len(mods)} subgraphs, {rest}"
+            )
+        lowered.append(mods[0])
+    return lowered
+
+
+def switch_experts(
+    model: nn.Module, example: torch.Tensor | None = None, *, lowered: bool = False
+) -> nn.Module:
+    """An eval-mode copy of ``model`` whose MoE blocks run their experts through ``ExpertSwitch``.
+
+    ``lowered=False`` (ONNX): branches slice the stacked weights, with the gather form for mixed batches.
+    ``lowered=True`` (ExecuTorch): branches call experts lowered to XNNPACK for ``example``'s shapes, whose batch
+    must be 1; export the result with ``torch.export.export(..., strict=True)``.
+    """
+    model = copy.deepcopy(model).eval()
+    shapes = expert_inputs(model, example) if lowered else {}
+    for blk in model.modules():
+        if isinstance(blk, MoEBlock) and isinstance(blk.mlp, ExpertMlp):
+            if not lowered:
+                blk.mlp = ExpertSwitch(blk.mlp, fallback=True)
+                continue
+            shape = shapes[blk.mlp]
+            if shape[0] != 1:
+                raise ValueError(f"lowered experts run one image at a time; the example has batch {shape[0]}")
+            blk.mlp = ExpertSwitch(blk.mlp, lower_experts(blk.mlp, shape), fallback=False)
+    return model
