@@ -477,7 +477,7 @@ def export_model(
             report["parity"], failures = _parity(ref, got, atol_eff, agree_eff)
             report["parity"]["runtime"] = "executorch.runtime (XNNPACK)"
         elif fmt == "onnx":
-            formats.export_onnx(net, example, tmp)
+            report["expert_dispatch"] = formats.export_onnx(net, example, tmp)
             runner = formats.OnnxRunner(tmp)
             # One image per run, as an app runs it (a MoE takes its expert switch), and then all images as one
             # batch (mixed routing: a MoE's gather form): both must match eager.

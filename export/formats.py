@@ -204,16 +204,19 @@ class PteRunner:
 
 def export_onnx(
     model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *, expert_switch: bool = True
-) -> None:
+) -> str | None:
     """torch.onnx dynamo export with a dynamic batch axis, weights inside the one file, then onnx's checker.
 
     ``expert_switch`` (default on): a MoE's experts become ``If`` branches with constant weights, which ONNX
     Runtime pre-packs (``switch.ExpertSwitch``); a batch whose images chose different experts takes the gather
-    form. Off: the gather form only.
+    form. Off: the gather form only. Returns the MoE's expert dispatch, "switch" or "gather" (None: dense).
     """
     import onnx
 
-    if expert_switch and any(isinstance(m, ExpertMlp) for m in model.modules()):
+    dispatch = None
+    if any(isinstance(m, ExpertMlp) for m in model.modules()):
+        dispatch = "switch" if expert_switch else "gather"
+    if dispatch == "switch":
         model = switch_experts(model)
     if example.shape[0] == 1:
         # Traced at batch 1, a cond branch specialises the batch to 1 (torch specialises sizes 0 and 1).
@@ -231,6 +234,7 @@ def export_onnx(
             verbose=False,
         )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return dispatch
 
 
 class OnnxRunner:

@@ -132,6 +132,10 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
     with torch.no_grad():
         ref = model(x)
     assert torch.allclose(run_artifact(fmt, out, x), ref, atol=1e-4)
+    if fmt == "onnx":
+        assert side["expert_dispatch"] == ("switch" if kind == "moe" else None)
+        b = p["batched"]  # the same images in one batch: a MoE's gather form for mixed routing
+        assert b["max_abs_diff"] <= 1e-4 and b["top1_agreement"] == 1.0
     if fmt == "pte":
         d = side["delegation"]
         assert d["backend"] == "XnnpackBackend" and d["num_delegated_subgraphs"] >= 1
