@@ -7,6 +7,7 @@ The benchmark (benchmarks/export_latency.py) uses them directly to lower models 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from torch import nn
 from mobile_vmoe.models.moe import ExpertMlp, Router
 
 from .quantize import int8_candidates
-from .switch import switch_experts
+from .switch import opaque_experts, splice_switches, switch_experts
 
 __all__ = [
     "lower_pte",
@@ -73,7 +74,7 @@ def _delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
 INT8_SCHEMES = {
     "int8": "PT2E dynamic int8 (XNNPACKQuantizer) of every transformer linear (attention qkv and proj, MLP fc1 and "
     "fc2): symmetric per-channel int8 weights, activations quantised per inference; the classifier head, router, "
-    "patch embedding, attention matmuls and expert MLPs (index_select + bmm) stay fp32",
+    "patch embedding, attention matmuls and expert MLPs stay fp32",
     "int8-static": "PT2E static int8 (XNNPACKQuantizer): linear + conv, symmetric per-channel weights, per-tensor "
     "activations calibrated on real images; attention matmuls, residual adds, expert MLPs stay fp32",
 }
@@ -103,17 +104,17 @@ def lower_pte(
     ``xnnpack_rewrite`` (default on) lowers ``rewrite.for_xnnpack(model)``: the same maths with attention and
     layer norm in ops XNNPACK runs, so whole blocks stay in one XNNPACK subgraph (off: for comparison only).
     ``expert_switch`` (default on) runs a MoE's experts as ``torch.cond`` branches, each expert lowered to
-    XNNPACK on its own with constant weights (``switch.switch_experts``), instead of gathering the chosen
-    experts' weights every inference. fp32 with K=1 only: PT2E quantization does not enter ``cond`` branches, and
-    with K > 1 executorch 1.5 can alias two conds' outputs; those keep the gather form (the report says why).
+    XNNPACK on its own with constant weights (``switch.splice_switches``), instead of gathering the chosen
+    experts' weights every inference; the experts stay fp32 in int8 programs. K=1 only: with K > 1 executorch 1.5
+    can alias two conds' outputs, so those keep the gather form (the report says why).
     ``"int8"`` (default int8): dynamic quantisation of the transformer's linears but ``keep_fp32`` (module
     names; ``quantize.select_fp32_layers`` picks them for a trained model). Top-1 agreement with fp32 on
     500 held-out images of the built-in demo models (D=64, 16 tokens; dense / MoE; the range over different
     500-image samples): dynamic on every transformer linear 98.2-99.2 / 98.8-99.6 %, with the head too
     97.8 / 99.4 %, dynamic MLPs only 99.2-99.4 / 99.4-99.8 %, static on every linear + conv 92.2 %. The bar is
     99 %, hence the fp32 fallback. ``"int8-static"``: the classic PT2E static recipe,
-    observers calibrated on ``calibration`` ([1, 3, H, W] each). Neither touches the expert MLPs (index_select +
-    bmm): the XNNPACK quantizer has no int8 pattern for a batched matmul, so they stay fp32.
+    observers calibrated on ``calibration`` ([1, 3, H, W] each). Neither touches the expert MLPs: with the switch
+    they are spliced in after quantization, and the gather form's bmm has no int8 pattern in the XNNPACK quantizer.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -130,18 +131,14 @@ def lower_pte(
     gather_why = None
     if moe and not expert_switch:
         gather_why = "expert_switch=False"
-    elif moe and quantize is not None:
-        gather_why = "int8: PT2E quantization does not enter torch.cond branches"
     elif moe and top_k > 1:
         # K > 1 keeps the first expert's cond output alive while the next expert's cond runs, and executorch
         # 1.5's memory planner can place both in the same arena (wrong outputs; pytorch/executorch#21490).
         gather_why = "K > 1: sibling cond outputs can alias in ExecuTorch's memory plan (executorch#21490)"
     switch = moe and gather_why is None
-    if switch:
-        model = switch_experts(model, example, lowered=True)
-    with torch.no_grad():
-        # strict: a program that calls lowered modules only traces with dynamo (see switch.py)
-        ep = torch.export.export(model, (example,), strict=switch)
+    with torch.no_grad(), opaque_experts(model) if switch else contextlib.nullcontext(model) as model:
+        ep = torch.export.export(model, (example,))
+        gm = ep.module()
         if quantize is not None:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
                 XNNPACKQuantizer,
@@ -166,14 +163,19 @@ def lower_pte(
                 quantizer.filter_fn = _in_modules(
                     {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
                 )
-            prepared = prepare_pt2e(ep.module(), quantizer)
+            prepared = prepare_pt2e(gm, quantizer)
             n = 0
             for x in calibration:
                 prepared(x)
                 n += 1
             if n == 0:
                 raise ValueError("int8-static quantization needs at least one calibration image")
-            ep = torch.export.export(convert_pt2e(prepared), (example,))
+            gm = convert_pt2e(prepared)
+        if switch:
+            splice_switches(gm, example)
+        if switch or quantize is not None:
+            # strict: a program that calls lowered modules only traces with dynamo (see switch.py)
+            ep = torch.export.export(gm, (example,), strict=switch)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     report = _delegation_report(edge.exported_program().graph_module)
     report["rewrites"] = rewrites

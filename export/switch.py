@@ -13,8 +13,10 @@ ceil(log2 E), scalar comparisons), so each branch holds one expert with constant
   initialisers when the session loads, so the branch's MatMuls use pre-packed weights (and fuse bias + GELU).
 * ExecuTorch: the XNNPACK partitioner does not look inside ``cond`` branches, so ``lower_experts`` lowers every
   expert MLP to XNNPACK on its own first (its weights become constants of that delegate) and the branch calls
-  the lowered module. A program holding lowered modules is exported with ``strict=True``: non-strict export
-  evaluates a lowered module's original program, whose weights are real tensors, under fake tensors, and fails.
+  the lowered module. PT2E quantization does not enter ``cond`` branches either, so the program is first
+  exported (and quantised) with each MoE MLP as one opaque op (``opaque_experts``); ``splice_switches`` then
+  replaces the ops by switches. The result is exported again with ``strict=True``: non-strict export evaluates
+  a lowered module's original program, whose weights are real tensors, under fake tensors, and fails.
 
 Every image of a batch must use the same experts for one branch to serve the batch. ``fallback=True`` (ONNX,
 dynamic batch) adds an outer ``cond`` that sends any other batch through the gather form; without it (a .pte,
@@ -23,16 +25,17 @@ whose batch is static 1) the batch must be one image. Shape letters as in ``mobi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from mobile_vmoe.models.moe import ExpertMlp, MoEBlock, Routing
 
-__all__ = ["ExpertSwitch", "switch_experts", "lower_experts", "expert_inputs"]
+__all__ = ["ExpertSwitch", "switch_experts", "lower_experts", "opaque_experts", "splice_switches"]
 
 
 class _OneExpert(nn.Module):
@@ -112,23 +115,6 @@ class ExpertSwitch(nn.Module):
         )
 
 
-def expert_inputs(model: nn.Module, example: torch.Tensor) -> dict[ExpertMlp, torch.Size]:
-    """The input shape ([B, T, D]) each ``ExpertMlp`` of ``model`` sees on ``example`` (one eager pass)."""
-    shapes: dict[ExpertMlp, torch.Size] = {}
-
-    def record(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        shapes.setdefault(mod, args[0].shape)
-
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ExpertMlp)]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
-
-
 def lower_experts(mlp: ExpertMlp, shape: Sequence[int]) -> list[nn.Module]:
     """Each expert of ``mlp`` lowered to XNNPACK on its own, for inputs of ``shape`` ([1, T, D]).
 
@@ -163,24 +149,99 @@ def lower_experts(mlp: ExpertMlp, shape: Sequence[int]) -> list[nn.Module]:
     return lowered
 
 
-def switch_experts(
-    model: nn.Module, example: torch.Tensor | None = None, *, lowered: bool = False
-) -> nn.Module:
-    """An eval-mode copy of ``model`` whose MoE blocks run their experts through ``ExpertSwitch``.
+# PT2E quantization does not enter torch.cond branches, so a .pte's experts are spliced in after it: the MoE
+# MLPs are exported as one opaque op each (what the quantizer sees), then each op node is replaced by a call of
+# its ExpertSwitch. The op's key names its ExpertMlp in this table while an export runs.
+_OPAQUE: dict[int, ExpertMlp] = {}
+_SHAPES: dict[int, torch.Size] = {}  # the input shape each op saw last
 
-    ``lowered=False`` (ONNX): branches slice the stacked weights, with the gather form for mixed batches.
-    ``lowered=True`` (ExecuTorch): branches call experts lowered to XNNPACK for ``example``'s shapes, whose batch
-    must be 1; export the result with ``torch.export.export(..., strict=True)``.
+
+@torch.library.custom_op("mobile_vmoe::expert_mlp", mutates_args=())
+def _expert_mlp(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, key: int) -> torch.Tensor:
+    _SHAPES[key] = x.shape
+    return _OPAQUE[key]._forward_gather(x, Routing(gates, expert_idx, gates))  # logits unused there
+
+
+@_expert_mlp.register_fake
+def _(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _OpaqueExperts(nn.Module):
+    def __init__(self, mlp: ExpertMlp) -> None:
+        super().__init__()
+        self.mlp, self.key = mlp, id(mlp)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return _expert_mlp(x, routing.expert_idx, routing.gates, self.key)
+
+
+class _SwitchCall(nn.Module):
+    """(x, expert_idx, gates) -> ExpertSwitch: what replaces an opaque op node in a graph."""
+
+    def __init__(self, switch: ExpertSwitch) -> None:
+        super().__init__()
+        self.switch = switch
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return self.switch(x, Routing(gates, expert_idx, gates))
+
+
+@contextlib.contextmanager
+def opaque_experts(model: nn.Module) -> Iterator[nn.Module]:
+    """A copy of ``model`` whose MoE MLPs are opaque ops (they compute the gather form), while the context is open.
+
+    Export it, quantise it if wanted, then ``splice_switches`` into the graph module.
     """
     model = copy.deepcopy(model).eval()
-    shapes = expert_inputs(model, example) if lowered else {}
+    keys = []
     for blk in model.modules():
         if isinstance(blk, MoEBlock) and isinstance(blk.mlp, ExpertMlp):
-            if not lowered:
-                blk.mlp = ExpertSwitch(blk.mlp, fallback=True)
-                continue
-            shape = shapes[blk.mlp]
-            if shape[0] != 1:
-                raise ValueError(f"lowered experts run one image at a time; the example has batch {shape[0]}")
-            blk.mlp = ExpertSwitch(blk.mlp, lower_experts(blk.mlp, shape), fallback=False)
+            blk.mlp = _OpaqueExperts(blk.mlp)
+            _OPAQUE[blk.mlp.key] = blk.mlp.mlp
+            keys.append(blk.mlp.key)
+    try:
+        yield model
+    finally:
+        for k in keys:
+            _OPAQUE.pop(k, None)
+
+
+def splice_switches(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
+    """Replace each opaque expert op of ``gm`` by an ``ExpertSwitch`` over experts lowered to XNNPACK.
+
+    Needs ``opaque_experts``' context open. ``example`` (batch 1) gives the experts' input shapes. Returns the
+    number of ops replaced. Export the result with ``strict=True`` (see the module doc).
+    """
+    _SHAPES.clear()
+    with torch.no_grad():
+        gm(example)  # the opaque ops record their input shapes
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.mobile_vmoe.expert_mlp.default:
+            continue
+        x, idx, gates, key = node.args
+        shape = _SHAPES[key]
+        if shape[0] != 1:
+            raise ValueError(f"lowered experts run one image at a time; the example has batch {shape[0]}")
+        mlp = _OPAQUE[key]
+        name = f"expert_switch_{n}"
+        gm.add_submodule(name, _SwitchCall(ExpertSwitch(mlp, lower_experts(mlp, shape), fallback=False)))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (x, idx, gates))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    gm.graph.lint()
+    gm.recompile()
+    return n
+
+
+def switch_experts(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` whose MoE blocks run their experts through ``ExpertSwitch`` (for ONNX):
+    branches slice the stacked weights, and a batch with mixed routing takes the gather form."""
+    model = copy.deepcopy(model).eval()
+    for blk in model.modules():
+        if isinstance(blk, MoEBlock) and isinstance(blk.mlp, ExpertMlp):
+            blk.mlp = ExpertSwitch(blk.mlp, fallback=True)
     return model

@@ -177,6 +177,9 @@ def test_int8_pte_agrees(runs, tmp_path, scheme):
     assert p["min_top1_agreement"] == 0.99 and p["top1_agreement"] >= 0.99  # enforced: trained weights
     dq = [k for k in side["delegation"]["delegated_ops"] if "quantize" in k]
     assert dq, side["delegation"]  # int8 (de)quantize nodes went to XNNPACK
+    # the experts (fp32) are spliced in after quantization: cond branches, no gather
+    assert side["delegation"]["expert_dispatch"] == "switch"
+    assert "aten_index_select_default" not in side["delegation"]["portable_ops"]
     if scheme == "int8":
         # Every transformer linear is a candidate (qkv, proj, fc1, fc2 of a dense block; qkv, proj of a MoE
         # block; never the head or the router), and all but the ones the accuracy check kept fp32 are int8.
