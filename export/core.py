@@ -330,6 +330,7 @@ def export_model(
     coreml_input: str = "image",
     coreml_precision: str = "fp16",
     palettize_bits: int | None = None,
+    expert_dispatch: str | None = None,
     seed: int = 0,
     verbose: bool = True,
 ) -> Path:
@@ -346,7 +347,9 @@ def export_model(
     held-out list (topped up from val/), else the built-in synthetic set; ``num_verify`` of them.
     Thresholds: fp32 defaults to max abs diff <= 1e-4 and 100% top-1 agreement; int8 to >= 99% agreement,
     enforced by default only for trained weights (random-weight logits are nearly tied, so int8 flips them);
-    ``atol`` / ``min_top1_agreement`` override and are then always enforced. Raises UserError on bad input
+    ``atol`` / ``min_top1_agreement`` override and are then always enforced. ``expert_dispatch`` (a MoE's
+    experts): ``"switch"`` (default for pte and onnx: one ``torch.cond`` branch per expert, ``switch.py``) or
+    ``"gather"`` (the model's own form: faster lowering; Core ML's only form). Raises UserError on bad input
     (before any lowering) and VerificationError when the check fails; either way nothing is left at ``out``.
     """
     t0 = time.perf_counter()
@@ -369,6 +372,11 @@ def export_model(
         raise UserError("--palettize-bits applies to coreml only and must be one of 1, 2, 3, 4, 6, 8")
     if palettize_bits is not None and quantize:
         raise UserError("--palettize-bits and --quantize int8 are two weight compressions: pick one")
+    if expert_dispatch not in (None, "switch", "gather"):
+        raise UserError(f"--expert-dispatch {expert_dispatch!r}: expected switch or gather")
+    if expert_dispatch == "switch" and fmt == "coreml":
+        raise UserError("--expert-dispatch switch is for pte and onnx; Core ML gathers the expert weights")
+    switch = expert_dispatch != "gather"
     if num_verify < 1:
         raise UserError(f"num_verify must be >= 1, got {num_verify}")
     for name, v in (("atol", atol), ("min_top1_agreement", min_top1_agreement)):
@@ -462,7 +470,9 @@ def export_model(
                     print(
                         f"  int8: {len(keep_fp32)} linear(s) kept fp32 for accuracy: {', '.join(keep_fp32)}"
                     )
-            buf, delegation = formats.lower_pte(net, example, quantize, imgs.calibrate, keep_fp32=keep_fp32)
+            buf, delegation = formats.lower_pte(
+                net, example, quantize, imgs.calibrate, keep_fp32=keep_fp32, expert_switch=switch
+            )
             tmp.write_bytes(buf)
             report["delegation"] = delegation
             if quantize:
@@ -477,7 +487,7 @@ def export_model(
             report["parity"], failures = _parity(ref, got, atol_eff, agree_eff)
             report["parity"]["runtime"] = "executorch.runtime (XNNPACK)"
         elif fmt == "onnx":
-            report["expert_dispatch"] = formats.export_onnx(net, example, tmp)
+            report["expert_dispatch"] = formats.export_onnx(net, example, tmp, expert_switch=switch)
             runner = formats.OnnxRunner(tmp)
             # One image per run, as an app runs it (a MoE takes its expert switch), and then all images as one
             # batch (mixed routing: a MoE's gather form): both must match eager.

@@ -201,7 +201,8 @@ def test_model_with_random_weights_through_cli(runs, tmp_path, capsys):
     data = load_model(runs["moe"])[1].extra["data_dir"]
     code = main(
         ["export", "--model", MOE, "--model-kwargs", "depth=2", "img_size=16", "num_experts=4",
-         "--format", "onnx", "--out", str(out), "--data", data, "--num-verify", "8"]
+         "--format", "onnx", "--out", str(out), "--data", data, "--num-verify", "8",
+         "--expert-dispatch", "gather"]
     )  # fmt: skip
     assert code == 0
     assert "RANDOM weights" in capsys.readouterr().out
@@ -210,6 +211,7 @@ def test_model_with_random_weights_through_cli(runs, tmp_path, capsys):
     assert side["model_kwargs"] == {"depth": 2, "img_size": 16, "num_experts": 4}
     assert side["routing"] == {"E": 4, "K": 1, "L": 2} and side["parity"]["top1_agreement"] == 1.0
     assert any("random weights" in n for n in side["notes"])
+    assert side["expert_dispatch"] == "gather"  # as asked, instead of the default switch
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,6 +236,8 @@ def test_bad_input_is_a_user_error_before_any_work(runs, tmp_path):
     save_file({"w": torch.zeros(1)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(UserError, match="not a mobile-vmoe model file"):
         export_model("onnx", bad / "m.onnx", checkpoint=foreign)
+    with pytest.raises(UserError, match="Core ML gathers"):
+        export_model("coreml", bad / "m.mlpackage", checkpoint=runs["moe"], expert_dispatch="switch")
     with pytest.raises(UserError, match="--format 'tflite'"):
         export_model("tflite", bad / "m.tflite", checkpoint=runs["dense"])
     with pytest.raises(UserError, match="must end in .pte"):
