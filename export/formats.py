@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mobile_vmoe.models.moe import ExpertMlp, Router
+from mobile_vmoe.models.moe import Router
 
 from .quantize import int8_candidates
-from .switch import opaque_experts, splice_switches, switch_experts
+from .switch import has_experts, opaque_experts, splice_switches, switch_experts
 
 __all__ = [
     "lower_pte",
@@ -126,7 +126,7 @@ def lower_pte(
     rewrites = None
     if xnnpack_rewrite:
         model, rewrites = for_xnnpack(model)
-    moe = any(isinstance(m, ExpertMlp) for m in model.modules())
+    moe = has_experts(model)
     top_k = max((m.top_k for m in model.modules() if isinstance(m, Router)), default=0)
     gather_why = None
     if moe and not expert_switch:
@@ -216,7 +216,7 @@ def export_onnx(
     import onnx
 
     dispatch = None
-    if any(isinstance(m, ExpertMlp) for m in model.modules()):
+    if has_experts(model):
         dispatch = "switch" if expert_switch else "gather"
     if dispatch == "switch":
         model = switch_experts(model)

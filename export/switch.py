@@ -28,14 +28,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from mobile_vmoe.models.moe import ExpertMlp, MoEBlock, Routing
 
-__all__ = ["ExpertSwitch", "switch_experts", "lower_experts", "opaque_experts", "splice_switches"]
+__all__ = [
+    "ExpertSwitch",
+    "has_experts",
+    "switch_experts",
+    "lower_experts",
+    "opaque_experts",
+    "splice_switches",
+]
 
 
 class _OneExpert(nn.Module):
@@ -187,24 +194,34 @@ class _SwitchCall(nn.Module):
         return self.switch(x, Routing(gates, expert_idx, gates))
 
 
+def has_experts(model: nn.Module) -> bool:
+    return any(isinstance(m, ExpertMlp) for m in model.modules())
+
+
+def _replace_expert_mlps(model: nn.Module, make: Callable[[ExpertMlp], nn.Module]) -> tuple[nn.Module, list]:
+    """(eval-mode copy of ``model`` with each MoE block's ExpertMlp replaced by ``make(mlp)``, the new modules)"""
+    model = copy.deepcopy(model).eval()
+    made = []
+    for blk in model.modules():
+        if isinstance(blk, MoEBlock) and isinstance(blk.mlp, ExpertMlp):
+            blk.mlp = make(blk.mlp)
+            made.append(blk.mlp)
+    return model, made
+
+
 @contextlib.contextmanager
 def opaque_experts(model: nn.Module) -> Iterator[nn.Module]:
     """A copy of ``model`` whose MoE MLPs are opaque ops (they compute the gather form), while the context is open.
 
     Export it, quantise it if wanted, then ``splice_switches`` into the graph module.
     """
-    model = copy.deepcopy(model).eval()
-    keys = []
-    for blk in model.modules():
-        if isinstance(blk, MoEBlock) and isinstance(blk.mlp, ExpertMlp):
-            blk.mlp = _OpaqueExperts(blk.mlp)
-            _OPAQUE[blk.mlp.key] = blk.mlp.mlp
-            keys.append(blk.mlp.key)
+    model, opaque = _replace_expert_mlps(model, _OpaqueExperts)
+    _OPAQUE.update((m.key, m.mlp) for m in opaque)
     try:
         yield model
     finally:
-        for k in keys:
-            _OPAQUE.pop(k, None)
+        for m in opaque:
+            _OPAQUE.pop(m.key, None)
 
 
 def splice_switches(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
@@ -240,8 +257,4 @@ def splice_switches(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
 def switch_experts(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` whose MoE blocks run their experts through ``ExpertSwitch`` (for ONNX):
     branches slice the stacked weights, and a batch with mixed routing takes the gather form."""
-    model = copy.deepcopy(model).eval()
-    for blk in model.modules():
-        if isinstance(blk, MoEBlock) and isinstance(blk.mlp, ExpertMlp):
-            blk.mlp = ExpertSwitch(blk.mlp, fallback=True)
-    return model
+    return _replace_expert_mlps(model, lambda mlp: ExpertSwitch(mlp, fallback=True))[0]
