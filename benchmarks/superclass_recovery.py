@@ -14,7 +14,6 @@ run on the same confusion matrix (--confusion OUT/confusion.npy) for a side-by-s
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ def main() -> int:
     from sklearn.metrics import adjusted_rand_score
 
     from mobile_vmoe.checkpoint import read_meta
+    from mobile_vmoe.data import load_superclass_truth
+    from mobile_vmoe.files.superclass_map import SUPERCLASSES_JSON, read_superclass_map
     from mobile_vmoe.superclasses import ALGORITHMS, DEFAULT_ALGORITHM
 
     work = Path(args.work)
@@ -53,15 +54,15 @@ def main() -> int:
     if not (run / "model.safetensors").is_file():
         _cli("train", "--config", args.config, "--dataset", "synthetic", "--out", str(run))
     ckpt = run / "model.safetensors"
-    data_dir = Path(read_meta(ckpt).extra["data_dir"])
-    truth = json.loads((data_dir / "superclasses_true.json").read_text())
+    data_dir = Path(read_meta(ckpt).train.data_dir)
+    truth = load_superclass_truth(data_dir)
     E = str(args.num_superclasses)
 
     results = {}
     out = work / f"superclasses_{DEFAULT_ALGORITHM}"
     _cli("superclasses", "--checkpoint", str(ckpt), "--num-superclasses", E, "--out", str(out),
          "--seed", str(args.seed))  # fmt: skip
-    results[DEFAULT_ALGORITHM] = json.loads((out / "superclasses.json").read_text())
+    results[DEFAULT_ALGORITHM] = read_superclass_map(out / SUPERCLASSES_JSON)
     C = np.load(out / "confusion.npy")
     for alg in ALGORITHMS:
         if alg == DEFAULT_ALGORITHM:
@@ -69,10 +70,10 @@ def main() -> int:
         o = work / f"superclasses_{alg}"
         _cli("superclasses", "--confusion", str(out / "confusion.npy"), "--num-superclasses", E, "--out", str(o),
              "--algorithm", alg, "--seed", str(args.seed))  # fmt: skip
-        results[alg] = json.loads((o / "superclasses.json").read_text())
+        results[alg] = read_superclass_map(o / SUPERCLASSES_JSON)
 
-    by_name = dict(zip(truth["class_names"], truth["assignment"]))
-    t = [by_name[c] for c in results[DEFAULT_ALGORITHM]["class_names"]]
+    by_name = dict(zip(truth.class_names, truth.assignment))
+    t = [by_name[c] for c in results[DEFAULT_ALGORITHM].class_names]
     off = C.sum() - np.trace(C)
     print(
         f"\nheld-out images: {int(C.sum())}, accuracy {np.trace(C) / C.sum():.3f}, off-diagonal counts {int(off)}"
@@ -83,10 +84,10 @@ def main() -> int:
     print("| algorithm | ARI vs true super-classes | within-super-class confusion share | sizes |")
     print("|---|---:|---:|---|")
     for alg, res in results.items():
-        ari = adjusted_rand_score(t, res["assignment"])
-        wm = res["within_mass"]
-        print(f"| {alg} | {ari:.3f} | {'n/a' if wm is None else f'{wm:.3f}'} | {res['sizes']} |")
-    ari = adjusted_rand_score(t, results[DEFAULT_ALGORITHM]["assignment"])
+        ari = adjusted_rand_score(t, res.assignment)
+        wm = res.within_mass
+        print(f"| {alg} | {ari:.3f} | {'n/a' if wm is None else f'{wm:.3f}'} | {res.sizes} |")
+    ari = adjusted_rand_score(t, results[DEFAULT_ALGORITHM].assignment)
     print(
         f"default ({DEFAULT_ALGORITHM}) ARI {ari:.3f}: {'PASS' if ari >= GOAL else 'FAIL'} (goal >= {GOAL})"
     )

@@ -10,7 +10,6 @@ Core ML (no predictions on Linux) check the MIL program's structure -> rename in
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import shutil
 import time
@@ -22,8 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import resolve_model_file
-from ..common import UserError, atomic_path
+from mobile_vmoe.checkpoint import ModelMeta, create_model, load_model, resolve_model_file
+from mobile_vmoe.common import UserError, atomic_path
+from mobile_vmoe.files.file_list import read_file_list
+from mobile_vmoe.files.sidecar import Sidecar, write_sidecar
+from mobile_vmoe.preprocess import Preprocess
+
 from . import formats
 from .quantize import eager_logits, select_fp32_layers
 
@@ -77,45 +80,28 @@ def _load_source(
     model: str | None,
     model_kwargs: dict[str, Any] | None,
     seed: int,
-) -> tuple[nn.Module, str, dict[str, Any], list[str], dict[str, Any], bool]:
-    """-> (eval model, model name, kwargs, class names, meta.extra, random_weights)."""
-    import timm
-
-    import mobile_vmoe.models  # noqa: F401  (registers the model names)
-    from mobile_vmoe.checkpoint import load_model
-
+) -> tuple[nn.Module, ModelMeta, bool]:
+    """-> (eval model, its metadata, random_weights). ``--model`` alone gives random weights."""
     if (checkpoint is None) == (model is None):
         raise UserError("give exactly one of --checkpoint CKPT or --model NAME")
     if checkpoint is not None:
         if model_kwargs:
             raise UserError("--model-kwargs applies to --model only; a checkpoint carries its own kwargs")
         m, meta = load_model(checkpoint)
-        names = list(meta.class_names)
-        if len(names) != m.num_classes:
-            names = [str(i) for i in range(m.num_classes)]
-        return m, meta.model, dict(meta.model_kwargs), names, dict(meta.extra), False
-    known = timm.list_models("mobile_v*")
-    if model not in known:
+        if len(meta.class_names) != m.num_classes:
+            meta.class_names = [str(i) for i in range(m.num_classes)]
+        return m, meta, False
+    meta = ModelMeta(model=str(model), model_kwargs=dict(model_kwargs or {}), class_names=[],
+                     preprocess=Preprocess(size=1, resize=1))  # fmt: skip
+    import timm
+
+    if model not in timm.list_models("mobile_v*"):
         raise UserError(f"--model {model!r}: not a registered mobile-vmoe model (see `mobile-vmoe models`)")
-    kwargs = dict(model_kwargs or {})
     torch.manual_seed(seed)
-    try:
-        m = timm.create_model(model, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"--model {model} with --model-kwargs {kwargs}: {e}") from None
-    return m.eval(), model, kwargs, [str(i) for i in range(m.num_classes)], {}, True
-
-
-def _model_geometry(model: nn.Module, extra: dict[str, Any]) -> tuple[tuple[int, int], tuple, tuple]:
-    H, W = (int(s) for s in model.patch_embed.img_size)
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean = tuple(float(v) for v in extra.get("mean", cfg.get("mean", (0.485, 0.456, 0.406))))
-    std = tuple(float(v) for v in extra.get("std", cfg.get("std", (0.229, 0.224, 0.225))))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise UserError(
-            f"checkpoint metadata 'extra': mean/std must be 3 values (std > 0), got {mean} / {std}"
-        )
-    return (H, W), mean, std
+    m = create_model(meta, "--model-kwargs").eval()
+    meta.class_names = [str(i) for i in range(m.num_classes)]
+    meta.preprocess = Preprocess.for_model(m)
+    return m, meta, True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,35 +128,30 @@ def _load_tensors(data_dir: Path, samples: list, transform: Any) -> torch.Tensor
 
 
 def _images(
-    extra: dict[str, Any],
+    meta: ModelMeta,
     data: str | os.PathLike[str] | None,
     data_root: str | os.PathLike[str],
-    size: tuple[int, int],
-    mean: tuple,
-    std: tuple,
     num_verify: int,
     num_calibrate: int,
     num_tune: int = 0,
 ) -> _Images:
-    from torchvision import transforms
-
-    from mobile_vmoe.data import prepare_dataset, read_file_list, scan_dataset
+    from mobile_vmoe.data import prepare_dataset, scan_dataset
 
     heldout: list = []
     source: dict[str, Any] = {}
     if data is not None:
         data_dir = prepare_dataset(str(data), root=data_root)
         source["data_dir"] = str(data_dir)
-    elif extra.get("data_dir"):
-        data_dir = Path(extra["data_dir"])
+    elif meta.train.data_dir:
+        data_dir = Path(meta.train.data_dir)
         if not data_dir.is_dir():
             raise UserError(
                 f"checkpoint metadata names data_dir {data_dir}, which does not exist here; pass --data DIR"
             )
         source["data_dir"] = str(data_dir)
-        if extra.get("heldout_list"):
-            heldout = read_file_list(extra["heldout_list"], data_dir)
-            source["heldout_list"] = str(extra["heldout_list"])
+        if meta.train.heldout_list:
+            heldout = read_file_list(meta.train.heldout_list, data_dir)
+            source["heldout_list"] = meta.train.heldout_list
     else:
         # Default sizes on purpose: prepare_dataset rebuilds a directory whose parameters differ, so any other
         # choice could replace the dataset a training run uses.
@@ -189,13 +170,7 @@ def _images(
         rest = [s for s in calib_pool if s not in used]
         verify += _spread(rest, num_verify - len(verify), seed=2)
     source["num_heldout"] = min(len(heldout), num_verify)
-    tf = transforms.Compose(
-        [
-            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    tf = meta.preprocess.transform()  # what the model was evaluated with, and what the sidecar tells apps
     # Tuning images are like the verification images (held out, then val) but not the same ones: training
     # images are fitted, so int8 flips far fewer of them (demo dense model: 99.6 % agreement against 99.0 %).
     tune: list = []
@@ -307,12 +282,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def export_model(
     fmt: str,
     out: str | os.PathLike[str] | None = None,
@@ -383,9 +352,8 @@ def export_model(
         if v is not None and (v < 0 or (name == "min_top1_agreement" and v > 1)):
             raise UserError(f"{name} must be >= 0{' and <= 1' if name != 'atol' else ''}, got {v}")
 
-    net, model_name, kwargs, class_names, extra, random_weights = _load_source(
-        checkpoint, model, model_kwargs, seed
-    )
+    net, meta, random_weights = _load_source(checkpoint, model, model_kwargs, seed)
+    model_name, kwargs, class_names = meta.model, meta.model_kwargs, meta.class_names
     if out is None:
         stem = Path(checkpoint).stem if checkpoint is not None and Path(checkpoint).is_file() else model_name
         if checkpoint is not None and Path(checkpoint).is_dir():
@@ -397,7 +365,8 @@ def export_model(
     if random_weights and verbose:
         print(f"note: {model_name} has RANDOM weights (no checkpoint): for latency work only")
 
-    size, mean, std = _model_geometry(net, extra)
+    size = tuple(int(s) for s in net.patch_embed.img_size)
+    mean, std = meta.preprocess.mean, meta.preprocess.std
     atol_eff: float | None = None
     agree_eff: float | None = None
     if fmt != "coreml":
@@ -413,7 +382,7 @@ def export_model(
     # The dynamic scheme picks its fp32 layers on images of its own wherever an agreement bar applies.
     tune = fmt == "pte" and quantize == "int8" and agree_eff is not None
     imgs = _images(
-        extra, data, data_root, size, mean, std, num_verify, num_calibrate if need_calib else 0,
+        meta, data, data_root, num_verify, num_calibrate if need_calib else 0,
         num_calibrate if tune else 0,
     )  # fmt: skip
     if need_calib and not imgs.calibrate:
@@ -432,27 +401,24 @@ def export_model(
     if palettize_bits:
         precision += f"+palettized{palettize_bits}"
 
-    report: dict[str, Any] = {
-        "format": fmt,
-        "artifact": out.name,
-        "model": model_name,
-        "model_kwargs": kwargs,
-        # Absolute, so that `mobile-vmoe bench` finds the eager model (per-expert latency) from anywhere.
-        "checkpoint": str(resolve_model_file(checkpoint).resolve()) if checkpoint is not None else None,
-        "random_weights": random_weights,
-        "num_classes": int(net.num_classes),
-        "class_names": class_names,
-        "input": {"shape": [1, 3, *size], "dtype": "float32", "layout": "NCHW"},
-        "preprocess": {"resize": "bicubic", "mean": list(mean), "std": list(std)},
-        "is_moe": bool(net.is_moe),
+    sc = Sidecar(
+        format=fmt,
+        artifact=out.name,
+        model=model_name,
+        model_kwargs=kwargs,
+        class_names=class_names,
+        input_shape=[1, 3, *size],
+        preprocess=meta.preprocess,
+        precision=precision,
         # E experts, K chosen per image, L MoE blocks (the bench result schema's keys); null for a dense model.
-        "routing": {"E": int(net.num_experts), "K": int(net.top_k), "L": int(net.num_moe_layers)}
+        routing={"E": int(net.num_experts), "K": int(net.top_k), "L": int(net.num_moe_layers)}
         if net.is_moe
         else None,
-        "precision": precision,
-        "images": imgs.source,
-        "notes": [],
-    }
+        # Absolute, so that `mobile-vmoe bench` finds the eager model (per-expert latency) from anywhere.
+        checkpoint=str(resolve_model_file(checkpoint).resolve()) if checkpoint is not None else None,
+        random_weights=random_weights,
+    )
+    report: dict[str, Any] = {"images": imgs.source, "notes": []}  # the verification report, for people
     if random_weights:
         report["notes"].append("random weights (no checkpoint): for latency work only")
     if imgs.verify.shape[0] < num_verify:
@@ -474,6 +440,8 @@ def export_model(
                 net, example, quantize, imgs.calibrate, keep_fp32=keep_fp32, expert_switch=switch
             )
             tmp.write_bytes(buf)
+            sc.expert_dispatch = delegation.pop("expert_dispatch", None)
+            sc.expert_dispatch_reason = delegation.pop("expert_dispatch_reason", None)
             report["delegation"] = delegation
             if quantize:
                 report["quantization"] = {
@@ -487,7 +455,7 @@ def export_model(
             report["parity"], failures = _parity(ref, got, atol_eff, agree_eff)
             report["parity"]["runtime"] = "executorch.runtime (XNNPACK)"
         elif fmt == "onnx":
-            report["expert_dispatch"] = formats.export_onnx(net, example, tmp, expert_switch=switch)
+            sc.expert_dispatch = formats.export_onnx(net, example, tmp, expert_switch=switch)
             runner = formats.OnnxRunner(tmp)
             # One image per run, as an app runs it (a MoE takes its expert switch), and then all images as one
             # batch (mixed routing: a MoE's gather form): both must match eager.
@@ -527,21 +495,21 @@ def export_model(
             raise VerificationError(
                 f"{fmt} export of {model_name} failed verification: " + "; ".join(failures)
             )
-        report["file_size_bytes"] = _size(tmp)
         report["versions"] = _versions()
         report["export_seconds"] = round(time.perf_counter() - t0, 1)
-        tmp_json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        sc.details = report
+        write_sidecar(tmp, sc, at=tmp_json)
     if verbose:
-        _print_summary(out, report)
+        _print_summary(out, sc)
     return out
 
 
-def _print_summary(out: Path, r: dict[str, Any]) -> None:
-    rt = r["routing"]
+def _print_summary(out: Path, sc: Sidecar) -> None:
+    rt, r = sc.routing, sc.details
     kind = f"MoE E={rt['E']} K={rt['K']} L={rt['L']}" if rt else "dense"
-    weights = "RANDOM weights" if r["random_weights"] else "trained weights"
+    weights = "RANDOM weights" if sc.random_weights else "trained weights"
     print(
-        f"wrote {out} ({r['file_size_bytes'] / 1e6:.2f} MB): {r['model']} [{kind}], {r['precision']}, {weights}"
+        f"wrote {out} ({(sc.file_size_bytes or 0) / 1e6:.2f} MB): {sc.model} [{kind}], {sc.precision}, {weights}"
     )
     p = r["parity"]
     if "max_abs_diff" in p:

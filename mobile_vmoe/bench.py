@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from .common import UserError, atomic_path, read_json, write_json_atomic, write_text_atomic
+from .files.sidecar import Sidecar, find_sidecar
+from .preprocess import Preprocess
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "bench_result.schema.json"
@@ -40,8 +42,6 @@ ANDROID_DIR = REPO_ROOT / "android_bench"
 FORMATS = {".pte": "pte", ".onnx": "onnx", ".safetensors": "safetensors", ".mlpackage": "mlpackage"}
 COMPUTE_UNITS = ("all", "cpuOnly", "cpuAndGPU", "cpuAndNeuralEngine")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # iOS / Android harness identifiers (must match ios_bench/ and android_bench/)
 IOS_SCHEME = "VMoEBench-Package"
@@ -239,17 +239,6 @@ def model_format(path: Path) -> str:
     return fmt
 
 
-def find_sidecar(path: Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The export stage's sidecar: FILE.<ext>.json (docs/FILES.md), else FILE.json."""
-    for cand in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
-        if cand.is_file():
-            doc = read_json(cand, "export sidecar")
-            if not isinstance(doc, dict):
-                raise UserError(f"{cand}: export sidecar must be a JSON object")
-            return cand, doc
-    return None, None
-
-
 def _size_bytes(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -259,25 +248,20 @@ def _size_bytes(path: Path) -> int:
     return size
 
 
-def _routing_of(sidecar: dict[str, Any] | None, model: Any = None) -> dict[str, int] | None:
+def _routing_of(sidecar: Sidecar | None, model: Any = None) -> dict[str, int] | None:
     if model is not None and getattr(model, "is_moe", False):
         return {"E": int(model.num_experts), "K": int(model.top_k), "L": int(model.num_moe_layers)}
-    r = (sidecar or {}).get("routing")
+    r = sidecar.routing if sidecar is not None else None
     if isinstance(r, dict) and all(isinstance(r.get(k), int) for k in "EKL"):
         return {k: int(r[k]) for k in "EKL"}
     return None
 
 
-def _sidecar_checkpoint(sidecar: dict[str, Any] | None, sidecar_path: Path | None) -> Path | None:
+def _sidecar_checkpoint(sidecar: Sidecar | None, sidecar_path: Path | None) -> Path | None:
     """The eager checkpoint the export came from, if the sidecar records one and it still exists."""
-    if not sidecar:
+    if sidecar is None or sidecar.checkpoint is None:
         return None
-    ckpt = sidecar.get("checkpoint")
-    if ckpt is None and isinstance(sidecar.get("source"), dict):
-        ckpt = sidecar["source"].get("checkpoint")
-    if not isinstance(ckpt, str):
-        return None
-    p = Path(ckpt)
+    p = Path(sidecar.checkpoint)
     if not p.is_absolute() and sidecar_path is not None and not p.exists():
         p = sidecar_path.parent / p
     return p if p.exists() else None
@@ -294,24 +278,18 @@ def list_images(images: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def load_images(
-    files: Sequence[str | os.PathLike[str]], shape: Sequence[int], mean: Sequence[float], std: Sequence[float]
-) -> list[np.ndarray]:
-    """Decode, resize (bicubic) to the model's H x W and normalise; each array is [1, 3, H, W] float32."""
+def load_images(files: Sequence[str | os.PathLike[str]], pre: Preprocess) -> list[np.ndarray]:
+    """Decode and preprocess as the model was evaluated; each array is [1, 3, size, size] float32."""
     from PIL import Image, UnidentifiedImageError
 
-    h, w = int(shape[-2]), int(shape[-1])
-    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    tf = pre.transform()
     out = []
     for f in files:
         try:
             with Image.open(f) as im:
-                im = im.convert("RGB").resize((w, h), Image.BICUBIC)
-                a = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+                out.append(tf(im).numpy()[None].astype(np.float32))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             raise UserError(f"{f}: not a readable image ({e})") from None
-        out.append(((a - m) / s)[None].astype(np.float32))
     return out
 
 
@@ -370,7 +348,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     fmt, path, threads = spec["format"], spec["path"], spec["threads"]
     shape = spec["shape"]
     if spec["images"]:
-        inputs = load_images(spec["images"], shape, spec["mean"], spec["std"])
+        inputs = load_images(spec["images"], Preprocess.from_dict(spec["preprocess"], "bench spec"))
     else:
         inputs = [np.random.default_rng(0).standard_normal(shape).astype(np.float32)]
     info: dict[str, Any] = {"notes": []}
@@ -542,6 +520,8 @@ def bench(
     sidecar_path, sidecar = (None, None) if fmt == "safetensors" else find_sidecar(path)
     if fmt != "safetensors" and sidecar is None:
         notes.append(f"no export sidecar found beside {path.name} ({path.name}.json)")
+    if sidecar is not None:
+        sidecar.check_artifact(path, sidecar_path)
     image_files = list_images(images)[:iterations] if images is not None else []
 
     # Eager model: the input itself, or the checkpoint the export came from (for routing per image).
@@ -562,10 +542,13 @@ def bench(
         shape = _onnx_shape(path)
     else:
         shape = [1, *eager.pretrained_cfg["input_size"]]
-    extra = meta.extra if meta is not None else {}
-    pre = (sidecar or {}).get("preprocess") if isinstance((sidecar or {}).get("preprocess"), dict) else {}
-    mean = extra.get("mean") or (sidecar or {}).get("mean") or pre.get("mean") or IMAGENET_MEAN
-    std = extra.get("std") or (sidecar or {}).get("std") or pre.get("std") or IMAGENET_STD
+    # The preprocessing the model was evaluated with: the model file's, else the sidecar's copy of it.
+    if meta is not None:
+        pre = meta.preprocess
+    elif sidecar is not None:
+        pre = sidecar.preprocess
+    else:
+        pre = Preprocess(size=int(shape[-1]), resize=int(shape[-1]))
 
     spec = {
         "format": fmt,
@@ -573,8 +556,7 @@ def bench(
         "threads": threads,
         "shape": shape,
         "images": [str(f) for f in image_files],
-        "mean": list(mean),
-        "std": list(std),
+        "preprocess": pre.to_dict(),
         "warmup": int(warmup),
         "iterations": int(iterations),
     }
@@ -597,12 +579,12 @@ def bench(
     elif not getattr(eager, "is_moe", False):
         notes.append("latency_per_expert: null (dense model)")
     else:
-        experts = _route_images(eager, load_images(image_files, shape, mean, std))
+        experts = _route_images(eager, load_images(image_files, pre))
         per_image = [experts[i % len(experts)] for i in range(iterations)]
         per_expert = expert_latency(m["samples_ms"], per_image)
 
     samples = m["samples_ms"]
-    precision = (sidecar or {}).get("precision") if sidecar else None
+    precision = sidecar.precision if sidecar is not None else None
     if fmt == "safetensors":
         precision = "fp32"
     doc = {
@@ -630,8 +612,8 @@ def bench(
             "path": str(path),
             "format": fmt,
             "size_bytes": _size_bytes(path),
-            "name": (meta.model if meta is not None else None) or (sidecar or {}).get("model"),
-            "sidecar": sidecar,
+            "name": (meta.model if meta is not None else None) or (sidecar.model if sidecar else None),
+            "sidecar": sidecar.to_dict() if sidecar is not None else None,
             "routing": _routing_of(sidecar, eager),
         },
         "precision": precision,
@@ -896,14 +878,16 @@ def bench_device(
     if warmup < 0 or iterations < 1:
         raise UserError(f"--warmup must be >= 0 and --iterations >= 1 (got {warmup}, {iterations})")
     sidecar_path, sidecar = find_sidecar(path)
+    if sidecar is not None:
+        sidecar.check_artifact(path, sidecar_path)
     if target == "ios":
         doc = _run_ios(path, device, compute_units, warmup, iterations, bundle_id, timeout)
     else:
         doc = _run_android(path, device, warmup, iterations, threads, apk, timeout)
     doc = ingest_result(doc, source=f"result pulled from the {target} device")
-    doc["model"]["sidecar"] = doc["model"].get("sidecar") or sidecar
+    doc["model"]["sidecar"] = doc["model"].get("sidecar") or (sidecar.to_dict() if sidecar else None)
     doc["model"]["routing"] = doc["model"].get("routing") or _routing_of(sidecar)
-    doc["model"]["name"] = doc["model"].get("name") or (sidecar or {}).get("model")
+    doc["model"]["name"] = doc["model"].get("name") or (sidecar.model if sidecar else None)
     if target == "android" and not doc["backend"].get(
         "delegates"
     ):  # the phone cannot list them; the host can
@@ -911,7 +895,7 @@ def bench_device(
         doc["backend"]["delegates"] = delegates
         doc["backend"]["name"] = "xnnpack" if "XnnpackBackend" in delegates else doc["backend"]["name"]
     if doc.get("precision") is None and sidecar:
-        doc["precision"] = sidecar.get("precision")
+        doc["precision"] = sidecar.precision
     validate_result(doc, f"result pulled from the {target} device")
     write_json_atomic(json_out, doc)
     return doc

@@ -1,21 +1,23 @@
 """Model weights on disk: the contract between stages.
 
 A model file is a ``.safetensors`` file whose string metadata says how to rebuild the model:
-    format        "mobile-vmoe/1"
+    format        "mobile-vmoe/2" ("mobile-vmoe/1" files are still read)
     model         timm model name, e.g. "mobile_vmoe_tiny_patch4_32"
     model_kwargs  JSON object passed to timm.create_model (num_classes, num_experts, top_k, ...)
     class_names   JSON list of C class names (index order = logit order)
-    extra         JSON object with anything else a stage wants to record (data dir, held-out list, config, ...)
+    preprocess    JSON Preprocess record (mobile_vmoe.preprocess): what every later stage does to an image
+    train         JSON TrainInfo: where the weights came from (dataset, held-out list, super-classes, ...)
 Nothing is unpickled: weights come from safetensors, metadata from JSON.
+
+Paths inside the run directory (the held-out list) are stored relative to the model file's folder, so a moved
+or copied run directory keeps pointing at its own files.
 
 ``load_model`` accepts such a file, or a run directory holding ``model.safetensors`` (written by training).
 """
 
-from __future__ import annotations
-
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .common import UserError, atomic_path
+from .preprocess import Preprocess
 
-FORMAT = "mobile-vmoe/1"
+FORMAT = "mobile-vmoe/2"
+_READABLE = ("mobile-vmoe/1", FORMAT)
 MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class TrainInfo:
+    """Where a model's weights came from. Paths are absolute in memory."""
+
+    data_dir: str | None = None  # the dataset directory it was trained on
+    heldout_list: str | None = None  # RUN/heldout.txt: the images training never saw
+    superclasses: str | None = None  # the superclasses.json its router was trained against
+    init_from: str | None = None  # the weights it started from (train --init-from)
+    ema: bool = False  # the weights are the EMA's
+    step: int = 0  # optimizer steps taken
 
 
 @dataclass
@@ -35,15 +51,22 @@ class ModelMeta:
     model: str
     model_kwargs: dict[str, Any]
     class_names: list[str]
-    extra: dict[str, Any] = field(default_factory=dict)
+    preprocess: Preprocess
+    train: TrainInfo = field(default_factory=TrainInfo)
 
-    def to_strings(self) -> dict[str, str]:
+    def to_strings(self, file: Path) -> dict[str, str]:
+        train = asdict(self.train)
+        if train["heldout_list"]:
+            train["heldout_list"] = os.path.relpath(
+                Path(train["heldout_list"]).absolute(), file.parent.absolute()
+            )
         return {
             "format": FORMAT,
             "model": self.model,
             "model_kwargs": json.dumps(self.model_kwargs),
             "class_names": json.dumps(self.class_names),
-            "extra": json.dumps(self.extra, default=str),
+            "preprocess": json.dumps(self.preprocess.to_dict()),
+            "train": json.dumps(train),
         }
 
 
@@ -53,7 +76,7 @@ def save_model(path: str | os.PathLike[str], model: torch.nn.Module, meta: Model
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata=meta.to_strings())
+        save_file(state, str(tmp), metadata=meta.to_strings(path))
     return path
 
 
@@ -69,6 +92,45 @@ def resolve_model_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _train_info(obj: Any, p: Path) -> TrainInfo:
+    if not isinstance(obj, dict):
+        raise UserError(f"{p}: metadata 'train' must be a JSON object, got {obj!r}")
+    known = {f.name: f.type for f in fields(TrainInfo)}
+    vals = {k: v for k, v in obj.items() if k in known}
+    for k, v in vals.items():
+        ok = v is None or (
+            isinstance(v, bool) if k == "ema" else isinstance(v, int) if k == "step" else isinstance(v, str)
+        )
+        if not ok:
+            raise UserError(f"{p}: metadata train.{k} has the wrong type ({v!r})")
+    info = TrainInfo(**{k: v for k, v in vals.items() if v is not None})
+    if info.heldout_list and not Path(info.heldout_list).is_absolute():
+        info.heldout_list = str((p.parent / info.heldout_list).resolve())
+    return info
+
+
+def _legacy(extra: dict[str, Any], model: str, p: Path) -> tuple[Preprocess, TrainInfo]:
+    """mobile-vmoe/1 kept preprocessing and provenance in an untyped 'extra' object."""
+    import mobile_vmoe.models  # noqa: F401  (registers the model names)
+
+    cfg = timm.get_pretrained_cfg(model)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    size = int(extra.get("image_size") or cfg.get("input_size", (3, 224, 224))[-1])
+    pct = float(extra.get("crop_pct") or cfg.get("crop_pct", 1.0))
+    pre = Preprocess.from_dict(
+        {
+            "size": size,
+            "resize": max(size, int(size / pct)),
+            "interpolation": extra.get("interpolation") or cfg.get("interpolation", "bicubic"),
+            "mean": extra.get("mean") or cfg.get("mean"),
+            "std": extra.get("std") or cfg.get("std"),
+        },
+        f"{p}: metadata extra (mean, std, image_size, crop_pct, interpolation)",
+    )
+    keys = ("data_dir", "heldout_list", "superclasses", "ema", "step")
+    return pre, _train_info({k: extra[k] for k in keys if k in extra}, p)
+
+
 def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
     p = resolve_model_file(path)
     try:
@@ -76,42 +138,67 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
             md = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{p}: not a readable safetensors file ({e})") from None
-    if md.get("format") != FORMAT:
+    if md.get("format") not in _READABLE:
         raise UserError(
             f"{p}: not a mobile-vmoe model file (metadata 'format' is {md.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
     try:
-        return ModelMeta(
-            model=md["model"],
-            model_kwargs=json.loads(md.get("model_kwargs", "{}")),
-            class_names=json.loads(md.get("class_names", "[]")),
-            extra=json.loads(md.get("extra", "{}")),
-        )
+        model = md["model"]
+        kwargs = json.loads(md.get("model_kwargs", "{}"))
+        names = json.loads(md.get("class_names", "[]"))
+        if md["format"] == "mobile-vmoe/1":
+            pre, train = _legacy(json.loads(md.get("extra", "{}")), model, p)
+        else:
+            pre = Preprocess.from_dict(json.loads(md["preprocess"]), f"{p}: metadata 'preprocess'")
+            train = _train_info(json.loads(md.get("train", "{}")), p)
     except (KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{p}: metadata field is missing or not JSON ({e})") from None
+    if (
+        not isinstance(kwargs, dict)
+        or not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise UserError(f"{p}: metadata 'model_kwargs' must be an object and 'class_names' a list of strings")
+    return ModelMeta(model=model, model_kwargs=kwargs, class_names=names, preprocess=pre, train=train)
+
+
+def create_model(meta: ModelMeta, where: str | os.PathLike[str], **overrides: Any) -> torch.nn.Module:
+    """timm.create_model from metadata; a kwarg of the wrong type or value is a UserError naming the file."""
+    import mobile_vmoe.models  # noqa: F401  (registers the model names)
+
+    if meta.model not in timm.list_models("mobile_v*"):
+        raise UserError(f"{where}: model {meta.model!r} is not a registered mobile-vmoe model")
+    try:
+        return timm.create_model(meta.model, **{**meta.model_kwargs, **overrides})
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise UserError(
+            f"{where}: metadata model_kwargs {meta.model_kwargs} do not build {meta.model}: {e}"
+        ) from None
 
 
 def load_model(
     path: str | os.PathLike[str], expect_moe: bool | None = None, map_location: str = "cpu"
 ) -> tuple[torch.nn.Module, ModelMeta]:
     """Rebuild the model named in the file's metadata and load its weights (eval mode)."""
-    import mobile_vmoe.models  # noqa: F401  (registers the model names)
+    from safetensors.torch import load_file
 
     p = resolve_model_file(path)
     meta = read_meta(p)
-    if meta.model not in timm.list_models("mobile_v*"):
-        raise UserError(f"{p}: model {meta.model!r} is not a registered mobile-vmoe model")
-    model = timm.create_model(meta.model, **meta.model_kwargs)
+    model = create_model(meta, p)
     if expect_moe is not None and bool(getattr(model, "is_moe", False)) != expect_moe:
         raise UserError(
             f"{p}: holds {meta.model} ({'MoE' if not expect_moe else 'dense'}), "
             f"expected a {'MoE' if expect_moe else 'dense'} model"
         )
-    from safetensors.torch import load_file
-
-    state = load_file(str(p), device=map_location)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(p), device=map_location)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{p}: weights cannot be read ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise UserError(f"{p}: weights do not match {meta.model} with {meta.model_kwargs} ({e})") from None
     if missing or unexpected:
         raise UserError(
             f"{p}: weights do not match {meta.model} with {meta.model_kwargs} "

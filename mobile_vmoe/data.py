@@ -37,7 +37,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .common import UserError, atomic_path, read_json, write_json_atomic, write_text_atomic
+from .common import UserError, atomic_path, write_json_atomic, write_text_atomic
+from .files.file_list import Sample
+from .files.superclass_map import SuperclassMap, read_superclass_map, write_superclass_map
+from .preprocess import to_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +56,13 @@ __all__ = [
     "make_digits",
     "make_synthetic",
     "prepare_dataset",
-    "read_file_list",
     "scan_dataset",
-    "write_file_list",
 ]
 
 COMPLETE_MARKER = "COMPLETE"
 DATASET_JSON = "dataset.json"
 SUPERCLASSES_TRUE_JSON = "superclasses_true.json"
 SYNTHETIC_VERSION = 2  # bump when the generator's pixels change, so stale builds are redone
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str  # relative to the dataset directory, e.g. "train/cat/001.png"
-    target: int  # class index = position of the class folder name in sorted order
 
 
 @dataclass
@@ -270,18 +265,18 @@ def make_synthetic(
                             _save_png(imgs[i], cdir / f"{start + i:05d}.png")
         sorted_names = sorted(names)
         assignment = [int(n.split("_")[0][1:]) for n in sorted_names]
-        write_json_atomic(
+        write_superclass_map(
             tmp / SUPERCLASSES_TRUE_JSON,
-            {
-                "assignment": assignment,
-                "class_names": sorted_names,
-                "num_superclasses": num_superclasses,
-                "sizes": [assignment.count(i) for i in range(num_superclasses)],
-                "superclass_names": [SHAPES[i % len(SHAPES)] for i in range(num_superclasses)],
-                "algorithm": "ground-truth",
-                "fine_attributes": [fine_attribute(i) for i in range(num_superclasses)],
-                "params": {"coarse": "shape family + hue", "fine": "one attribute per super-class, binned"},
-            },
+            SuperclassMap(
+                assignment=assignment,
+                class_names=sorted_names,
+                algorithm="ground-truth",
+                params={"coarse": "shape family + hue", "fine": "one attribute per super-class, binned"},
+                extra={
+                    "superclass_names": [SHAPES[i % len(SHAPES)] for i in range(num_superclasses)],
+                    "fine_attributes": [fine_attribute(i) for i in range(num_superclasses)],
+                },
+            ),
         )
         _write_dataset_json(tmp, "synthetic", seed, len(names), image_size, params, SYNTHETIC_VERSION)
     return out_dir
@@ -527,64 +522,10 @@ def heldout_split(
     return rest, held
 
 
-def write_file_list(path: str | os.PathLike[str], samples: Sequence[Sample]) -> None:
-    """Write ``relative/path<TAB>target`` per line, atomically."""
-    lines = []
-    for s in samples:
-        if any(ch in s.path for ch in "\t\n\r") or not s.path:
-            raise UserError(f"{path}: cannot write sample path {s.path!r} (empty, or holds a tab or newline)")
-        lines.append(f"{s.path}\t{int(s.target)}\n")
-    write_text_atomic(path, "".join(lines))
-
-
-def read_file_list(path: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> list[Sample]:
-    """Read a file list written by ``write_file_list``; every path must be an existing file under data_dir."""
-    path, data_dir = Path(path), Path(data_dir)
-    if not path.is_file():
-        raise UserError(f"file list not found: {path}")
-    root = data_dir.resolve()
-    out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2 or not fields[0]:
-            raise UserError(f"{path}:{lineno}: expected 'relative/path<TAB>class_index', got {line!r}")
-        rel, tgt = fields
-        try:
-            target = int(tgt)
-        except ValueError:
-            target = -1
-        if target < 0:
-            raise UserError(f"{path}:{lineno}: class index must be an integer >= 0, got {tgt!r}")
-        full = (data_dir / rel).resolve()
-        if Path(rel).is_absolute() or not full.is_relative_to(root):
-            raise UserError(
-                f"{path}:{lineno}: path {rel!r} must be relative to the dataset directory {data_dir}"
-            )
-        if not full.is_file():
-            raise UserError(f"{path}:{lineno}: {rel!r} does not exist under {data_dir}")
-        out.append(Sample(rel, target))
-    return out
-
-
-def load_superclass_truth(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+def load_superclass_truth(data_dir: str | os.PathLike[str]) -> SuperclassMap | None:
     """``DIR/superclasses_true.json`` (the known super-class of each class) if the dataset has one, else None."""
     p = Path(data_dir) / SUPERCLASSES_TRUE_JSON
-    if not p.is_file():
-        return None
-    obj = read_json(p, "true super-classes")
-    names, assignment = obj.get("class_names"), obj.get("assignment")
-    if (
-        not isinstance(names, list)
-        or not isinstance(assignment, list)
-        or len(names) != len(assignment)
-        or not all(isinstance(a, int) and a >= 0 for a in assignment)
-    ):
-        raise UserError(
-            f"{p}: expected 'assignment' (list of ints >= 0) and 'class_names' of the same length"
-        )
-    return obj
+    return read_superclass_map(p, what="true super-classes") if p.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -618,7 +559,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         try:
             with Image.open(self.data_dir / s.path) as im:
-                img = im.convert("RGB")  # forces a full decode: truncation surfaces here
+                img = to_rgb8(im)  # forces a full decode: truncation surfaces here
         except _BAD_IMAGE_ERRORS as e:
             if self._warned < 10:
                 self._warned += 1

@@ -19,28 +19,11 @@ from typing import Any
 
 import torch
 
-from .common import UserError, read_json, write_json_atomic
+from .common import UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "eval_counts", "summarize_counts", "load_assignment"]
-
-
-def load_assignment(path: str | os.PathLike[str], num_classes: int) -> list[int]:
-    """The ``assignment`` list of a superclasses.json: super-class index of each of the C classes."""
-    obj = read_json(path, "super-class map")
-    a = obj.get("assignment") if isinstance(obj, dict) else None
-    if not isinstance(a, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in a
-    ):
-        raise UserError(
-            f"{path}: 'assignment' must be a list of integers >= 0 (the super-class of each class)"
-        )
-    if len(a) != num_classes:
-        raise UserError(
-            f"{path}: 'assignment' has {len(a)} entries, but the data/model has {num_classes} classes"
-        )
-    return a
+__all__ = ["evaluate", "eval_counts", "summarize_counts"]
 
 
 def routed_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -141,10 +124,10 @@ def evaluate(
     superclasses: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model file (or run / checkpoint directory) on ``split`` (val | heldout) or a file list."""
-    from timm.data import create_transform
-
     from .checkpoint import load_model, resolve_model_file
-    from .data import ImageListDataset, collate_skip_bad, read_file_list, scan_dataset
+    from .data import ImageListDataset, collate_skip_bad, scan_dataset
+    from .files.file_list import read_file_list
+    from .files.superclass_map import read_superclass_map
 
     if split not in ("val", "heldout"):
         raise UserError(f"split must be 'val' or 'heldout', got {split!r}")
@@ -152,12 +135,11 @@ def evaluate(
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     ckpt = resolve_model_file(checkpoint)
     model, meta = load_model(ckpt)
-    extra = meta.extra
     C = len(meta.class_names)
     if data_dir is None:
-        data_dir = extra.get("data_dir")
+        data_dir = meta.train.data_dir
         if not data_dir:
-            raise UserError(f"{ckpt}: metadata extra.data_dir is missing; pass --data DIR")
+            raise UserError(f"{ckpt}: metadata train.data_dir is missing; pass --data DIR")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"dataset directory not found: {data_dir}")
@@ -165,9 +147,9 @@ def evaluate(
         samples = read_file_list(file_list, data_dir)
         source = str(file_list)
     elif split == "heldout":
-        held = extra.get("heldout_list")
+        held = meta.train.heldout_list
         if not held:
-            raise UserError(f"{ckpt}: metadata extra.heldout_list is missing; pass --file-list")
+            raise UserError(f"{ckpt}: metadata train.heldout_list is missing; pass --file-list")
         samples = read_file_list(held, data_dir)
         source = str(held)
     else:
@@ -182,21 +164,12 @@ def evaluate(
     if bad:
         raise UserError(f"{source}: class index {bad[0].target} ({bad[0].path}) >= number of classes {C}")
 
-    sc_path = superclasses or extra.get("superclasses")
+    sc_path = superclasses or meta.train.superclasses
     super_of = None
     if sc_path and getattr(model, "is_moe", False):
-        super_of = torch.tensor(load_assignment(sc_path, C))
+        super_of = torch.tensor(read_superclass_map(sc_path, meta.class_names).assignment)
 
-    cfg = model.pretrained_cfg
-    size = int(extra.get("image_size") or cfg["input_size"][-1])
-    transform = create_transform(
-        input_size=(3, size, size),
-        is_training=False,
-        mean=tuple(extra.get("mean") or cfg["mean"]),
-        std=tuple(extra.get("std") or cfg["std"]),
-        interpolation=extra.get("interpolation") or cfg.get("interpolation", "bilinear"),
-        crop_pct=float(extra.get("crop_pct") or cfg.get("crop_pct", 1.0)),
-    )
+    transform = meta.preprocess.transform()
     loader = torch.utils.data.DataLoader(
         ImageListDataset(data_dir, samples, transform),
         batch_size=batch_size,
@@ -263,7 +236,9 @@ def _cli(args: argparse.Namespace) -> int:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 of a trained model; routing statistics for a MoE")
     p.add_argument("--checkpoint", required=True, help="model .safetensors, run dir or checkpoint dir")
-    p.add_argument("--data", default=None, help="dataset dir (default: the checkpoint's extra.data_dir)")
+    p.add_argument(
+        "--data", default=None, help="dataset dir (default: the dataset the checkpoint was trained on)"
+    )
     p.add_argument(
         "--split", choices=("val", "heldout"), default="val", help="val/ images or RUN/heldout.txt"
     )

@@ -263,8 +263,8 @@ class _Pipeline:
         )
         return {
             "file": str(self.superclasses_json),
-            "within_mass": res.get("within_mass"),
-            "ari_vs_truth": res.get("ari_vs_truth"),
+            "within_mass": res.within_mass,
+            "ari_vs_truth": res.ari_vs_truth,
         }
 
     def eval(self) -> dict[str, Any]:

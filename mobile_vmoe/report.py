@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from .common import atomic_path, read_json, write_text_atomic
+from .data import load_superclass_truth
+from .files.superclass_map import SUPERCLASSES_JSON, read_superclass_map
 
 __all__ = ["write_report"]
 
@@ -154,10 +156,10 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     data_dir = Path(stage["data"]["data_dir"])
     ds_meta = read_json(data_dir / "dataset.json") if (data_dir / "dataset.json").is_file() else {}
     generated = ds_meta.get("name") == "synthetic"
-    sc_file = out / "superclasses" / "superclasses.json"
-    sc = read_json(sc_file) if sc_file.is_file() else {}
-    truth_file = data_dir / "superclasses_true.json"
-    truth = read_json(truth_file)["assignment"] if truth_file.is_file() else None
+    sc_file = out / "superclasses" / SUPERCLASSES_JSON
+    sc = read_superclass_map(sc_file) if sc_file.is_file() else None
+    truth_map = load_superclass_truth(data_dir)
+    truth = truth_map.assignment if truth_map is not None else None
 
     md: list[str] = [f"# Mobile V-MoE pipeline report: {out.name}", ""]
     if generated:
@@ -181,7 +183,7 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
         "|---:|---:|---:|---:|",
         f"| {d['num_classes']} | {d['train']} | {held} | {d['val']} |",
         "",
-        f"![dataset]({_dataset_grid(data_dir, figdir, truth or sc.get('assignment'))})",
+        f"![dataset]({_dataset_grid(data_dir, figdir, truth or (sc.assignment if sc else None))})",
         "",
     ]
     # ---- models --------------------------------------------------------------------------------------------
@@ -222,14 +224,15 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     if sc:
         md += ["## Super-classes", ""]
         md += [
-            f"{sc.get('num_superclasses')} super-classes of sizes {sc.get('sizes')} from the dense model's "
+            f"{sc.num_superclasses} super-classes of sizes {sc.sizes} from the dense model's "
             f"held-out confusion matrix ({stage.get('confusion', {}).get('heldout_images', '?')} images), "
-            f"algorithm `{sc.get('algorithm')}`; {_pct(sc.get('within_mass'))} of the off-diagonal confusion "
+            f"algorithm `{sc.algorithm}`; {_pct(sc.within_mass)} of the off-diagonal confusion "
             "falls within a super-class.",
         ]
-        if sc.get("ari_vs_truth") is not None:
+        md += [f"Warning: {w}" for w in sc.warnings]
+        if sc.ari_vs_truth is not None:
             md.append(
-                f"Agreement with the generator's true super-classes: adjusted Rand index **{sc['ari_vs_truth']:.3f}**."
+                f"Agreement with the generator's true super-classes: adjusted Rand index **{sc.ari_vs_truth:.3f}**."
             )
         md += ["", "![super-classes](superclasses/superclasses.png)", "", "Classes of each super-class: "
                "[superclasses/superclasses.md](superclasses/superclasses.md)", ""]  # fmt: skip
@@ -243,7 +246,7 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
             )
         acc = ", ".join(f"{e}: {_pct(a)}" for e, a in enumerate(ev["expert_accuracy"]))
         md += [f"Top-1 of the images each expert was chosen for: {acc}.", ""]
-        md += [f"![routing]({_routing_plot(ev, sc.get('assignment'), figdir)})", ""]
+        md += [f"![routing]({_routing_plot(ev, sc.assignment if sc else None, figdir)})", ""]
     # ---- latency and artifacts -----------------------------------------------------------------------------
     rows = []
     for res in sorted((out / "bench").glob("*.json")):

@@ -43,7 +43,8 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from .common import UserError, atomic_path, write_json_atomic, write_text_atomic
+from .common import UserError, atomic_path, write_text_atomic
+from .files.superclass_map import SUPERCLASSES_JSON, SuperclassMap, write_superclass_map
 
 log = logging.getLogger(__name__)
 
@@ -346,22 +347,6 @@ def within_mass(C: np.ndarray, assignment: np.ndarray) -> float | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_heldout(meta_extra: dict[str, Any], ckpt_file: Path) -> Path:
-    rel = meta_extra.get("heldout_list")
-    candidates = []
-    if rel:
-        p = Path(rel)
-        candidates += [p] if p.is_absolute() else [p, ckpt_file.parent / p]
-    candidates.append(ckpt_file.parent / "heldout.txt")  # docs/FILES.md: RUN/heldout.txt
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise UserError(
-        f"{ckpt_file}: held-out list not found (metadata extra.heldout_list = {rel!r}; also looked for "
-        f"{ckpt_file.parent / 'heldout.txt'}); the super-class stage needs the held-out split written by training"
-    )
-
-
 def heldout_confusion(
     checkpoint: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
@@ -371,24 +356,28 @@ def heldout_confusion(
     """Run the dense model on its held-out split: ``(C [N, N] counts, class_names, data_dir)``."""
     import torch
     from sklearn.metrics import confusion_matrix
-    from timm.data import create_transform
 
     from .checkpoint import load_model, resolve_model_file
-    from .data import ImageListDataset, collate_skip_bad, read_file_list
+    from .data import ImageListDataset, collate_skip_bad
+    from .files.file_list import read_file_list
 
     ckpt_file = resolve_model_file(checkpoint)
     model, meta = load_model(ckpt_file, expect_moe=False)
-    extra = meta.extra
     if data_dir is None:
-        if not extra.get("data_dir"):
-            raise UserError(f"{ckpt_file}: metadata extra.data_dir is missing; pass --data DIR")
-        data_dir = extra["data_dir"]
+        if not meta.train.data_dir:
+            raise UserError(f"{ckpt_file}: metadata train.data_dir is missing; pass --data DIR")
+        data_dir = meta.train.data_dir
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(
-            f"dataset directory not found: {data_dir} (from --data or the checkpoint's extra.data_dir)"
+            f"dataset directory not found: {data_dir} (from --data or the dataset the checkpoint was trained on)"
         )
-    samples = read_file_list(_resolve_heldout(extra, ckpt_file), data_dir)
+    if not meta.train.heldout_list or not Path(meta.train.heldout_list).is_file():
+        raise UserError(
+            f"{ckpt_file}: held-out list not found ({meta.train.heldout_list}); the super-class stage needs "
+            f"the held-out split written by training"
+        )
+    samples = read_file_list(meta.train.heldout_list, data_dir)
     names = list(meta.class_names) or [f"class_{i}" for i in range(model.num_classes)]
     n = len(names)
     if n != model.num_classes:
@@ -401,19 +390,8 @@ def heldout_confusion(
             f"held-out list: class index {bad[0].target} ({bad[0].path}) >= number of classes {n}"
         )
 
-    cfg = model.pretrained_cfg
-    size = int(extra.get("image_size") or cfg["input_size"][-1])
-    # timm's eval transform (resize + centre crop at crop_pct, ToTensor, Normalize), as training evaluates
-    transform = create_transform(
-        input_size=(3, size, size),
-        is_training=False,
-        mean=tuple(extra.get("mean") or cfg["mean"]),
-        std=tuple(extra.get("std") or cfg["std"]),
-        interpolation=extra.get("interpolation") or cfg.get("interpolation", "bilinear"),
-        crop_pct=float(extra.get("crop_pct") or cfg.get("crop_pct", 1.0)),
-    )
     loader = torch.utils.data.DataLoader(
-        ImageListDataset(data_dir, samples, transform),
+        ImageListDataset(data_dir, samples, meta.preprocess.transform()),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -486,18 +464,18 @@ def _write_plot(path: Path, C: np.ndarray, assignment: np.ndarray, names: list[s
     plt.close(fig)
 
 
-def _markdown(result: dict[str, Any]) -> str:
-    names, a = result["class_names"], result["assignment"]
-    wm = result["within_mass"]
+def _markdown(result: SuperclassMap) -> str:
+    names, a = result.class_names, result.assignment
+    wm = result.within_mass
     lines = [
         "# Super-classes",
         "",
-        f"{result['num_superclasses']} super-classes of {len(names)} classes; algorithm `{result['algorithm']}`; "
+        f"{result.num_superclasses} super-classes of {len(names)} classes; algorithm `{result.algorithm}`; "
         f"within-super-class share of off-diagonal confusion: {'n/a' if wm is None else f'{wm:.3f}'}"
-        + (f"; ARI vs truth: {result['ari_vs_truth']:.3f}" if "ari_vs_truth" in result else "")
+        + (f"; ARI vs truth: {result.ari_vs_truth:.3f}" if result.ari_vs_truth is not None else "")
         + ".",
     ]
-    for s in range(result["num_superclasses"]):
+    for s in range(result.num_superclasses):
         members = [names[i] for i in range(len(names)) if a[i] == s]
         lines += ["", f"## Super-class {s} ({len(members)} classes)", ""]
         lines += [f"- {m}" for m in members]
@@ -512,7 +490,7 @@ def _truth_ari(data_dir: Path, names: list[str], assignment: np.ndarray) -> floa
     truth = load_superclass_truth(data_dir)
     if truth is None:
         return None
-    t_names, t_assign = truth["class_names"], truth["assignment"]
+    t_names, t_assign = truth.class_names, truth.assignment
     if sorted(t_names) == sorted(names):
         by_name = dict(zip(t_names, t_assign))
         t = [by_name[c] for c in names]
@@ -538,12 +516,12 @@ def find_superclasses(
     seed: int = 0,
     normalize: bool = True,
     batch_size: int = 256,
-) -> dict[str, Any]:
+) -> SuperclassMap:
     """Discover super-classes and write superclasses.json / .png / .md (and confusion.npy / .csv) to out_dir.
 
     Give either ``checkpoint`` (a dense model; its held-out split is run to get the confusion matrix) or
     ``confusion`` (an N x N count matrix or a .npy path). ``data_dir`` overrides the checkpoint's dataset
-    directory; with ``confusion`` it is only used to find ``superclasses_true.json``. Returns the JSON content.
+    directory; with ``confusion`` it is only used to find ``superclasses_true.json``. Returns what it wrote.
     """
     if (checkpoint is None) == (confusion is None):
         raise UserError(
@@ -572,8 +550,8 @@ def find_superclasses(
             from .data import load_superclass_truth
 
             truth = load_superclass_truth(data_dir)
-            if truth is not None and len(truth["class_names"]) == C.shape[0]:
-                names = list(truth["class_names"])
+            if truth is not None and len(truth.class_names) == C.shape[0]:
+                names = list(truth.class_names)
         write_conf = False
     else:
         from .checkpoint import read_meta
@@ -587,36 +565,27 @@ def find_superclasses(
 
     assignment = partition_confusion(C, num_superclasses, algorithm=algorithm, seed=seed, normalize=normalize)
     k = int(num_superclasses)
-    result: dict[str, Any] = {
-        "assignment": [int(a) for a in assignment],
-        "class_names": names,
-        "num_superclasses": k,
-        "sizes": [int(s) for s in np.bincount(assignment, minlength=k)],
-        "algorithm": algorithm,
-        "params": {
-            "seed": seed,
-            "normalize": normalize,
-            "epsilon": EPSILON,
-            "balance": "linear_sum_assignment",
-        },
-        "within_mass": within_mass(C, assignment),
-    }
+    result = SuperclassMap(
+        assignment=[int(a) for a in assignment],
+        class_names=names,
+        algorithm=algorithm,
+        params={"seed": seed, "normalize": normalize, "epsilon": EPSILON, "balance": "linear_sum_assignment"},
+        within_mass=within_mass(C, assignment),
+    )
     if checkpoint is not None:
-        result["params"]["checkpoint"] = str(checkpoint)
+        result.params["checkpoint"] = str(checkpoint)
     if data_dir is not None:
-        ari = _truth_ari(Path(data_dir), names, assignment)
-        if ari is not None:
-            result["ari_vs_truth"] = ari
+        result.ari_vs_truth = _truth_ari(Path(data_dir), names, assignment)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if write_conf:
         _write_confusion(out_dir, C, names)
     title = f"{k} super-classes ({algorithm})" + (
-        f", ARI vs truth {result['ari_vs_truth']:.3f}" if "ari_vs_truth" in result else ""
+        f", ARI vs truth {result.ari_vs_truth:.3f}" if result.ari_vs_truth is not None else ""
     )
     _write_plot(out_dir / "superclasses.png", C, assignment, names, title)
     write_text_atomic(out_dir / "superclasses.md", _markdown(result))
-    write_json_atomic(out_dir / "superclasses.json", result)  # last: its presence means the stage finished
+    write_superclass_map(out_dir / SUPERCLASSES_JSON, result)  # last: its presence means the stage finished
     return result
 
 
@@ -638,12 +607,12 @@ def _cli(args: argparse.Namespace) -> int:
         normalize=not args.no_normalize,
         batch_size=args.batch_size,
     )
-    wm = res["within_mass"]
-    msg = f"{args.out}/superclasses.json: sizes {res['sizes']}, within-super-class confusion " + (
+    wm = res.within_mass
+    msg = f"{args.out}/{SUPERCLASSES_JSON}: sizes {res.sizes}, within-super-class confusion " + (
         "n/a" if wm is None else f"{wm:.3f}"
     )
-    if "ari_vs_truth" in res:
-        msg += f", ARI vs truth {res['ari_vs_truth']:.3f}"
+    if res.ari_vs_truth is not None:
+        msg += f", ARI vs truth {res.ari_vs_truth:.3f}"
     print(msg)
     return 0
 

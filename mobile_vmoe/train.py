@@ -53,10 +53,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import MODEL_FILE, ModelMeta, save_model
+from .checkpoint import MODEL_FILE, ModelMeta, TrainInfo, save_model
 from .common import UserError, atomic_path, write_text_atomic
 from .config import Config, config_to_dict, dump_yaml, load_config, model_kwargs
-from .evaluate import eval_counts, load_assignment, routed_forward, summarize_counts
+from .evaluate import eval_counts, routed_forward, summarize_counts
+from .files.superclass_map import read_superclass_map
+from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +290,9 @@ def _validate_superclasses(cfg: Config, model: nn.Module, class_names: list[str]
         raise UserError(
             f"moe.superclasses ({path}) is given but {cfg.model} is a dense model; use a mobile_vmoe_* model"
         )
-    C = len(class_names)
-    assignment = load_assignment(path, C)
-    obj = json.loads(Path(path).read_text())
-    names = obj.get("class_names")
-    if isinstance(names, list) and names != class_names:
-        raise UserError(f"{path}: 'class_names' differ from the class folders of the dataset")
-    S = max(int(obj.get("num_superclasses") or 0), max(assignment) + 1)
+    sc = read_superclass_map(path, class_names)
+    assignment = sc.assignment
+    S = sc.num_superclasses
     if S != model.num_experts:
         raise UserError(
             f"{path}: {S} super-classes, but {cfg.model} has E={model.num_experts} experts; the super-class "
@@ -318,15 +316,8 @@ def train(cfg: Config) -> Path:
 
     import mobile_vmoe.models  # noqa: F401  (registers the model names)
 
-    from .data import (
-        ImageListDataset,
-        collate_skip_bad,
-        heldout_split,
-        prepare_dataset,
-        read_file_list,
-        scan_dataset,
-        write_file_list,
-    )
+    from .data import ImageListDataset, collate_skip_bad, heldout_split, prepare_dataset, scan_dataset
+    from .files.file_list import read_file_list, write_file_list
 
     rank, world, local_rank = _dist_env()
     main = rank == 0
@@ -413,10 +404,10 @@ def train(cfg: Config) -> Path:
         write_file_list(heldout_file, heldout)
 
     # ---- data ------------------------------------------------------------------------------------------------
-    pcfg = model.pretrained_cfg
-    mean, std = tuple(pcfg["mean"]), tuple(pcfg["std"])
-    interpolation = cfg.aug.interpolation
-    crop_pct = float(pcfg.get("crop_pct", 1.0))
+    # One preprocessing from here to the phone: evaluated with it, stored in the model file, copied to exports.
+    pre = Preprocess.for_model(model)
+    pre = Preprocess(pre.size, pre.resize, cfg.aug.interpolation, pre.mean, pre.std)
+    mean, std, interpolation = pre.mean, pre.std, pre.interpolation
     a = cfg.aug
     train_tf = create_transform(
         input_size=(3, image_size, image_size),
@@ -432,14 +423,7 @@ def train(cfg: Config) -> Path:
         mean=mean,
         std=std,
     )
-    eval_tf = create_transform(
-        input_size=(3, image_size, image_size),
-        is_training=False,
-        interpolation=interpolation,
-        crop_pct=crop_pct,
-        mean=mean,
-        std=std,
-    )
+    eval_tf = pre.transform()
     train_ds = ImageListDataset(data_dir, train_samples, train_tf)
     sampler = torch.utils.data.DistributedSampler(
         train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False
@@ -498,17 +482,12 @@ def train(cfg: Config) -> Path:
         model=cfg.model,
         model_kwargs=kwargs,
         class_names=index.class_names,
-        extra={
-            "data_dir": str(data_dir),
-            "heldout_list": str(heldout_file),
-            "image_size": image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "crop_pct": crop_pct,
-            "interpolation": interpolation,
-            "superclasses": str(Path(cfg.moe.superclasses).absolute()) if cfg.moe.superclasses else None,
-            "run_dir": str(run),
-        },
+        preprocess=pre,
+        train=TrainInfo(
+            data_dir=str(data_dir),
+            heldout_list=str(heldout_file),
+            superclasses=str(Path(cfg.moe.superclasses).absolute()) if cfg.moe.superclasses else None,
+        ),
     )
 
     # ---- resume ----------------------------------------------------------------------------------------------
@@ -725,8 +704,8 @@ def train(cfg: Config) -> Path:
     # ---- final weights ---------------------------------------------------------------------------------------
     final_model = ema.module if ema is not None else model
     if main:
-        meta.extra["ema"] = ema is not None
-        meta.extra["step"] = step
+        meta.train.ema = ema is not None
+        meta.train.step = step
         save_model(run / MODEL_FILE, final_model, meta)
         writer.close()
         metrics_f.close()

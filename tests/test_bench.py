@@ -11,6 +11,8 @@ import mobile_vmoe.bench as B
 from mobile_vmoe.checkpoint import ModelMeta, load_model, save_model
 from mobile_vmoe.cli import main
 from mobile_vmoe.common import UserError
+from mobile_vmoe.files.sidecar import Sidecar, write_sidecar
+from mobile_vmoe.preprocess import Preprocess
 
 NAME = "mobile_vmoe_nano_patch4_32"
 KW = {"depth": 2, "num_experts": 4, "num_classes": 6}
@@ -27,18 +29,30 @@ def files(tmp_path_factory):
     model = timm.create_model(NAME, **KW).eval()
     with torch.no_grad():  # spread the router so that the images do not all pick one expert
         model.router.proj.weight.normal_(0, 2.0)
-    ckpt = save_model(d / "model.safetensors", model, ModelMeta(NAME, KW, [f"c{i}" for i in range(6)]))
+    ckpt = save_model(
+        d / "model.safetensors",
+        model,
+        ModelMeta(NAME, KW, [f"c{i}" for i in range(6)], Preprocess.for_model(model)),
+    )
     x = torch.randn(1, 3, 32, 32)
     ep = torch.export.export(model, (x,))
     pte = d / "model.pte"
     pte.write_bytes(
         to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
     )
-    (d / "model.pte.json").write_text(
-        json.dumps(
-            {"model": NAME, "routing": {"E": 4, "K": 1, "L": 2}, "precision": "fp32", "checkpoint": str(ckpt)}
-        )
+    sidecar = Sidecar(
+        format="pte",
+        artifact=pte.name,
+        model=NAME,
+        model_kwargs=KW,
+        class_names=[f"c{i}" for i in range(6)],
+        input_shape=[1, 3, 32, 32],
+        preprocess=Preprocess.for_model(model),
+        precision="fp32",
+        routing={"E": 4, "K": 1, "L": 2},
+        checkpoint=str(ckpt),
     )
+    write_sidecar(pte, sidecar)
     onnx = d / "model.onnx"
     torch.onnx.export(model, (x,), str(onnx), dynamo=True)
     rng = np.random.default_rng(0)
@@ -68,7 +82,7 @@ def results(files):
 
 def _experts_of(files):
     model, meta = load_model(files["ckpt"])
-    imgs = B.load_images(B.list_images(files["images"]), (1, 3, 32, 32), B.IMAGENET_MEAN, B.IMAGENET_STD)
+    imgs = B.load_images(B.list_images(files["images"]), Preprocess(size=32, resize=32))
     with torch.no_grad():
         _, routing = model.forward_with_routing(torch.from_numpy(np.concatenate(imgs)))
     return routing.expert_idx[:, 0].tolist()

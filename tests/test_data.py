@@ -18,7 +18,6 @@ from mobile_vmoe.data import (
     COMPLETE_MARKER,
     FINE_ATTRIBUTES,
     ImageListDataset,
-    Sample,
     add_cli,
     collate_skip_bad,
     heldout_split,
@@ -26,11 +25,10 @@ from mobile_vmoe.data import (
     make_digits,
     make_synthetic,
     prepare_dataset,
-    read_file_list,
     scan_dataset,
     synthetic_attributes,
-    write_file_list,
 )
+from mobile_vmoe.files.file_list import Sample, read_file_list, write_file_list
 
 SMALL = dict(num_superclasses=2, num_fine=3, train_per_class=6, val_per_class=2, image_size=16)
 
@@ -65,10 +63,10 @@ def test_synthetic_layout_classes_and_truth(small):
         assert im.size == (16, 16) and im.mode == "RGB"
 
     truth = load_superclass_truth(small)
-    assert truth["class_names"] == idx.class_names
-    assert truth["assignment"] == [0, 0, 0, 1, 1, 1]
-    assert truth["assignment"] == [int(n.split("_")[0][1:]) for n in idx.class_names]
-    assert truth["num_superclasses"] == 2 and truth["sizes"] == [3, 3]
+    assert truth.class_names == idx.class_names
+    assert truth.assignment == [0, 0, 0, 1, 1, 1]
+    assert truth.assignment == [int(n.split("_")[0][1:]) for n in idx.class_names]
+    assert truth.num_superclasses == 2 and truth.sizes == [3, 3]
     meta = json.loads((small / "dataset.json").read_text())
     assert (meta["name"], meta["seed"], meta["num_classes"], meta["image_size"]) == ("synthetic", 0, 6, 16)
     assert (small / COMPLETE_MARKER).is_file()

@@ -4,14 +4,12 @@ leaving nothing behind."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from mobile_vmoe.export import VerificationError, export_model
-from mobile_vmoe.export.core import _model_geometry
 from mobile_vmoe.export.quantize import int8_candidates, select_fp32_layers, simulated_int8
 from safetensors.torch import save_file
 
@@ -19,6 +17,7 @@ from mobile_vmoe.checkpoint import load_model
 from mobile_vmoe.cli import main
 from mobile_vmoe.common import UserError
 from mobile_vmoe.config import load_config
+from mobile_vmoe.files.sidecar import read_sidecar
 from mobile_vmoe.train import train
 
 DENSE, MOE = "mobile_vit_nano_patch4_32", "mobile_vmoe_nano_patch4_32"
@@ -49,13 +48,17 @@ def verify_images(run: Path, n: int = 6) -> tuple[torch.nn.Module, torch.Tensor]
     from PIL import Image
 
     model, meta = load_model(run)
-    size, mean, std = _model_geometry(model, meta.extra)
-    data_dir = Path(meta.extra["data_dir"])
-    lines = Path(meta.extra["heldout_list"]).read_text().splitlines()[:n]
+    pre = meta.preprocess
+    data_dir = Path(meta.train.data_dir)
+    lines = Path(meta.train.heldout_list).read_text().splitlines()[:n]
     xs = []
     for line in lines:
-        img = Image.open(data_dir / line.split("\t")[0]).convert("RGB").resize(size[::-1], Image.BICUBIC)
-        a = (np.asarray(img, dtype=np.float32) / 255 - mean) / std
+        img = Image.open(data_dir / line.split("\t")[0]).convert("RGB")
+        assert img.size[0] == img.size[1]  # square: resizing the shorter side is resizing both
+        img = img.resize((pre.resize, pre.resize), getattr(Image, pre.interpolation.upper()))
+        o = (pre.resize - pre.size) // 2
+        img = img.crop((o, o, o + pre.size, o + pre.size))
+        a = (np.asarray(img, dtype=np.float32) / 255 - np.asarray(pre.mean)) / np.asarray(pre.std)
         xs.append(torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32)))
     return model, torch.stack(xs)
 
@@ -92,17 +95,22 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
     got = export_model(fmt, out, checkpoint=runs[kind], num_verify=NUM_VERIFY, verbose=False)
     assert got == out and out.exists()
     assert only(tmp_path) == [out.name, out.name + ".json"]
-    side = json.loads((tmp_path / (out.name + ".json")).read_text())
-    assert side["checkpoint"] == str((runs[kind] / "model.safetensors").resolve())  # what `bench` reads
-    assert side["model"] == (MOE if kind == "moe" else DENSE) and side["random_weights"] is False
-    assert side["is_moe"] is (kind == "moe")
+    sc = read_sidecar(tmp_path / (out.name + ".json"))
+    side = sc.details  # the verification report
+    assert sc.checkpoint == str((runs[kind] / "model.safetensors").resolve())  # what `bench` reads
+    assert sc.model == (MOE if kind == "moe" else DENSE) and sc.random_weights is False
+    assert sc.is_moe is (kind == "moe")
+    assert (
+        sc.preprocess == load_model(runs[kind])[1].preprocess
+    )  # one preprocessing, copied from the model file
+    assert sc.sha256 is not None and sc.file_size_bytes > 10_000
     net = load_model(runs[kind])[0]
     routing = {"E": net.num_experts, "K": net.top_k, "L": net.num_moe_layers}
-    assert side["routing"] == (routing if kind == "moe" else None) and (kind == "dense" or routing["E"] == 3)
-    assert side["file_size_bytes"] > 10_000 and torch.__version__.startswith(side["versions"]["torch"])
+    assert sc.routing == (routing if kind == "moe" else None) and (kind == "dense" or routing["E"] == 3)
+    assert torch.__version__.startswith(side["versions"]["torch"])
     model, x = verify_images(runs[kind])
     if fmt == "coreml":
-        assert side["precision"] == "fp16" and side["coreml"]["minimum_deployment_target"] == "iOS17"
+        assert sc.precision == "fp16" and side["coreml"]["minimum_deployment_target"] == "iOS17"
         s = side["mil_structure"]
         ops = (s["moe"] if kind == "moe" else s["dense"])["op_counts"]
         assert ops.get("linear", 0) + ops.get("matmul", 0) > 0
@@ -125,7 +133,7 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         assert spec.description.predictedFeatureName == "classLabel"
         assert coreml_class_labels(spec) == load_model(runs[kind])[1].class_names
         return
-    assert side["precision"] == "fp32"
+    assert sc.precision == "fp32"
     p = side["parity"]
     assert p["n_images"] >= NUM_VERIFY and p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
     # The artifact on disk is what was verified: rerun it here against eager PyTorch.
@@ -133,7 +141,7 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         ref = model(x)
     assert torch.allclose(run_artifact(fmt, out, x), ref, atol=1e-4)
     if fmt == "onnx":
-        assert side["expert_dispatch"] == ("switch" if kind == "moe" else None)
+        assert sc.expert_dispatch == ("switch" if kind == "moe" else None)
         b = p["batched"]  # the same images in one batch: a MoE's gather form for mixed routing
         assert b["max_abs_diff"] <= 1e-4 and b["top1_agreement"] == 1.0
     if fmt == "pte":
@@ -152,12 +160,12 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
         left = {"aten_native_layer_norm_default", "aten_where_self", "aten_bmm_default", "aten_mean_dim"}
         assert not left & set(d["portable_ops"])
         if not moe:  # one subgraph after the class token's concat
-            assert d["num_delegated_subgraphs"] <= 2 and d["expert_dispatch"] is None
+            assert d["num_delegated_subgraphs"] <= 2 and sc.expert_dispatch is None
         else:
             # The expert switch: the router's topk and each MoE block's cond split the main graph (L + 2
             # subgraphs), and every expert is a delegate of its own in a cond branch (E * L); no gather.
             E, L = routing["E"], routing["L"]
-            assert d["expert_dispatch"] == "switch" and d["num_delegated_subgraphs"] == L + 2 + E * L
+            assert sc.expert_dispatch == "switch" and d["num_delegated_subgraphs"] == L + 2 + E * L
             assert (
                 d["portable_ops"]["cond"] == L * (E - 1)
                 and "aten_index_select_default" not in d["portable_ops"]
@@ -168,9 +176,10 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
 def test_int8_pte_agrees(runs, tmp_path, scheme):
     out = tmp_path / "moe_int8.pte"
     export_model("pte", out, checkpoint=runs["moe"], quantize=scheme, num_verify=NUM_VERIFY, verbose=False)
-    side = json.loads((tmp_path / "moe_int8.pte.json").read_text())
+    sc = read_sidecar(tmp_path / "moe_int8.pte.json")
+    side = sc.details
     q = side["quantization"]
-    assert side["precision"] == "int8" and q["name"] == scheme
+    assert sc.precision == "int8" and q["name"] == scheme
     # the static scheme is calibrated on real training images; the dynamic one needs none
     assert (q["calibration_images"] > 0) == (scheme == "int8-static")
     p = side["parity"]
@@ -178,7 +187,7 @@ def test_int8_pte_agrees(runs, tmp_path, scheme):
     dq = [k for k in side["delegation"]["delegated_ops"] if "quantize" in k]
     assert dq, side["delegation"]  # int8 (de)quantize nodes went to XNNPACK
     # the experts (fp32) are spliced in after quantization: cond branches, no gather
-    assert side["delegation"]["expert_dispatch"] == "switch"
+    assert sc.expert_dispatch == "switch"
     assert "aten_index_select_default" not in side["delegation"]["portable_ops"]
     if scheme == "int8":
         # Every transformer linear is a candidate (qkv, proj, fc1, fc2 of a dense block; qkv, proj of a MoE
@@ -198,7 +207,7 @@ def test_int8_pte_agrees(runs, tmp_path, scheme):
 
 def test_model_with_random_weights_through_cli(runs, tmp_path, capsys):
     out = tmp_path / "rand.onnx"
-    data = load_model(runs["moe"])[1].extra["data_dir"]
+    data = load_model(runs["moe"])[1].train.data_dir
     code = main(
         ["export", "--model", MOE, "--model-kwargs", "depth=2", "img_size=16", "num_experts=4",
          "--format", "onnx", "--out", str(out), "--data", data, "--num-verify", "8",
@@ -206,12 +215,12 @@ def test_model_with_random_weights_through_cli(runs, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     assert "RANDOM weights" in capsys.readouterr().out
-    side = json.loads((tmp_path / "rand.onnx.json").read_text())
-    assert side["random_weights"] is True and side["checkpoint"] is None
-    assert side["model_kwargs"] == {"depth": 2, "img_size": 16, "num_experts": 4}
-    assert side["routing"] == {"E": 4, "K": 1, "L": 2} and side["parity"]["top1_agreement"] == 1.0
-    assert any("random weights" in n for n in side["notes"])
-    assert side["expert_dispatch"] == "gather"  # as asked, instead of the default switch
+    sc = read_sidecar(tmp_path / "rand.onnx.json")
+    assert sc.random_weights is True and sc.checkpoint is None
+    assert sc.model_kwargs == {"depth": 2, "img_size": 16, "num_experts": 4}
+    assert sc.routing == {"E": 4, "K": 1, "L": 2} and sc.details["parity"]["top1_agreement"] == 1.0
+    assert any("random weights" in n for n in sc.details["notes"])
+    assert sc.expert_dispatch == "gather"  # as asked, instead of the default switch
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import mobile_vmoe.models  # noqa: F401
 from mobile_vmoe.checkpoint import ModelMeta, load_model, save_model
 from mobile_vmoe.common import UserError
 from mobile_vmoe.models import profile_model, upcycle_dense_state_dict
+from mobile_vmoe.preprocess import Preprocess
 
 ALL = sorted(timm.list_models("mobile_v*"))
 
@@ -143,7 +144,12 @@ def test_no_weight_decay_covers_expert_biases():
 
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     m = timm.create_model("mobile_vmoe_nano_patch4_32", num_classes=3, num_experts=2).eval()
-    meta = ModelMeta("mobile_vmoe_nano_patch4_32", {"num_classes": 3, "num_experts": 2}, ["a", "b", "c"])
+    meta = ModelMeta(
+        "mobile_vmoe_nano_patch4_32",
+        {"num_classes": 3, "num_experts": 2},
+        ["a", "b", "c"],
+        Preprocess.for_model(m),
+    )
     p = save_model(tmp_path / "m.safetensors", m, meta)
     m2, meta2 = load_model(p)
     x = _x(m, b=2)

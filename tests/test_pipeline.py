@@ -13,6 +13,7 @@ import pytest
 from mobile_vmoe.bench import validate_result
 from mobile_vmoe.common import UserError
 from mobile_vmoe.config import list_presets
+from mobile_vmoe.files.sidecar import read_sidecar
 from mobile_vmoe.pipeline import STAGES, load_pipeline_config, run_pipeline
 
 
@@ -31,8 +32,8 @@ def test_quick_pipeline_end_to_end(tmp_path, caplog):
         ev = json.loads((out / "eval" / f"{which}.json").read_text())
         assert ev["num_images"] == 36 and 0 <= ev["top1"] <= 1
         for name in (f"{which}.pte", f"{which}.onnx", f"{which}.mlpackage"):
-            side = json.loads((out / "export" / f"{name}.json").read_text())
-            assert (out / "export" / name).exists() and side["checkpoint"].startswith(str(out / which))
+            sc = read_sidecar(out / "export" / f"{name}.json")
+            assert (out / "export" / name).exists() and sc.checkpoint.startswith(str(out / which))
         for name in (f"{which}.pte", f"{which}.onnx"):
             validate_result(json.loads((out / "bench" / f"{name}.json").read_text()), name)
     sc = json.loads((out / "superclasses" / "superclasses.json").read_text())

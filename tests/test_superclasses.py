@@ -10,8 +10,10 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 import mobile_vmoe.models  # noqa: F401
-from mobile_vmoe.checkpoint import ModelMeta, save_model
+from mobile_vmoe.checkpoint import ModelMeta, TrainInfo, save_model
 from mobile_vmoe.common import UserError
+from mobile_vmoe.files.superclass_map import read_superclass_map
+from mobile_vmoe.preprocess import Preprocess
 from mobile_vmoe.superclasses import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
@@ -196,17 +198,15 @@ def test_cli_end_to_end_with_confusion(tmp_path, capsys):
     out = tmp_path / "out"
     r = _run_cli("--confusion", tmp_path / "conf.npy", "--num-superclasses", 5, "--out", out, "--data", data)
     assert r.returncode == 0, r.stderr
-    res = json.loads((out / "superclasses.json").read_text())
-    assert (
-        res["class_names"] == names and res["num_superclasses"] == 5 and res["algorithm"] == DEFAULT_ALGORITHM
-    )
-    assert res["sizes"] == [4] * 5 and len(res["assignment"]) == 20
-    assert res["assignment"] == partition_confusion(C, 5).tolist()
-    assert res["ari_vs_truth"] == pytest.approx(adjusted_rand_score(truth, res["assignment"]))
-    a = np.array(res["assignment"])
+    res = read_superclass_map(out / "superclasses.json")
+    assert res.class_names == names and res.num_superclasses == 5 and res.algorithm == DEFAULT_ALGORITHM
+    assert res.sizes == [4] * 5 and len(res.assignment) == 20
+    assert res.assignment == partition_confusion(C, 5).tolist()
+    assert res.ari_vs_truth == pytest.approx(adjusted_rand_score(truth, res.assignment))
+    a = np.array(res.assignment)
     off = C * (1 - np.eye(20))
-    assert res["within_mass"] == pytest.approx(off[a[:, None] == a[None, :]].sum() / off.sum())
-    assert 0.0 < res["within_mass"] <= 1.0
+    assert res.within_mass == pytest.approx(off[a[:, None] == a[None, :]].sum() / off.sum())
+    assert 0.0 < res.within_mass <= 1.0
     assert (out / "superclasses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "superclasses.md").read_text()
     assert all(f"- {n}\n" in md for n in names) and md.count("## Super-class") == 5
@@ -220,7 +220,7 @@ def test_cli_end_to_end_with_confusion(tmp_path, capsys):
     assert "num_superclasses" in capsys.readouterr().err
     argv = ["--confusion", str(tmp_path / "conf.npy"), "-E", "3", "--out", str(tmp_path / "o3")]
     assert main(["superclasses", *argv, "--algorithm", "kernighan_lin"]) == 0
-    assert sorted(json.loads((tmp_path / "o3" / "superclasses.json").read_text())["sizes"]) == [6, 7, 7]
+    assert sorted(read_superclass_map(tmp_path / "o3" / "superclasses.json").sizes) == [6, 7, 7]
 
 
 def _tiny_run(tmp_path, num_classes=4, per_class=3):
@@ -243,18 +243,14 @@ def _tiny_run(tmp_path, num_classes=4, per_class=3):
     (run / "heldout.txt").write_text("".join(lines))
     torch.manual_seed(0)
     model = timm.create_model("mobile_vit_nano_patch4_32", num_classes=num_classes)
-    extra = {
-        "data_dir": str(data),
-        "heldout_list": str(run / "heldout.txt"),
-        "image_size": 32,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-    }
-    ckpt = save_model(
-        run / "model.safetensors",
-        model,
-        ModelMeta("mobile_vit_nano_patch4_32", {"num_classes": num_classes}, names, extra),
+    meta = ModelMeta(
+        "mobile_vit_nano_patch4_32",
+        {"num_classes": num_classes},
+        names,
+        Preprocess(size=32, resize=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        TrainInfo(data_dir=str(data), heldout_list=str(run / "heldout.txt")),
     )
+    ckpt = save_model(run / "model.safetensors", model, meta)
     return ckpt, model, data, names, lines
 
 
@@ -279,8 +275,8 @@ def test_checkpoint_end_to_end(tmp_path):
     assert C[0].tolist() == np.bincount(pred.numpy(), minlength=4).tolist()
     rows = (out / "confusion.csv").read_text().splitlines()
     assert rows[0].split(",")[1:] == names and len(rows) == 5
-    assert res["class_names"] == names and res["sizes"] == [2, 2] and "ari_vs_truth" in res
-    assert "checkpoint" in res["params"]
+    assert res.class_names == names and res.sizes == [2, 2] and res.ari_vs_truth is not None
+    assert "checkpoint" in res.params
     assert (out / "superclasses.png").is_file() and (out / "superclasses.md").is_file()
 
     # --data overrides the checkpoint's data_dir: a moved dataset still works

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from mobile_vmoe.checkpoint import load_model
 from mobile_vmoe.common import UserError
 from mobile_vmoe.config import dump_yaml, list_presets, load_config
-from mobile_vmoe.data import read_file_list, scan_dataset
+from mobile_vmoe.data import scan_dataset
 from mobile_vmoe.evaluate import evaluate
+from mobile_vmoe.files.file_list import read_file_list
 from mobile_vmoe.train import COMPLETE, Objective, find_checkpoint, train
 
 MOE = "mobile_vmoe_nano_patch4_32"
@@ -121,8 +122,8 @@ def test_dense_run_writes_the_contract(tmp_path, data_root):
     assert epochs[-1]["train_loss"] < records(run, "train")[0]["loss"]  # it learns
 
     model, meta = load_model(run, expect_moe=False)
-    data_dir = Path(meta.extra["data_dir"])
-    held = read_file_list(meta.extra["heldout_list"], data_dir)
+    data_dir = Path(meta.train.data_dir)
+    held = read_file_list(meta.train.heldout_list, data_dir)
     index = scan_dataset(data_dir)
     assert len(held) == 2 * 9 and {s.target for s in held} == set(range(9))  # min 2 per class
     assert set(held).isdisjoint(set(index.train) - set(held)) and set(held) <= set(index.train)

@@ -1,0 +1,13 @@
+"""The files stages exchange, each with one owner: a typed record and its read / write.
+
+    model file (*.safetensors)      mobile_vmoe.checkpoint   ModelMeta
+    RUN/heldout.txt (file lists)    files.file_list          read_file_list / write_file_list
+    superclasses.json               files.superclass_map     SuperclassMap
+    FILE.<ext>.json export sidecar  files.sidecar            Sidecar
+    OUT/stages/<stage>.json         files.stage_marker       StageMarker
+    bench results                   mobile_vmoe.bench.schema
+
+Stage code reads and writes these records, never their JSON keys; docs/FILES.md describes the formats.
+"""
+
+from __future__ import annotations

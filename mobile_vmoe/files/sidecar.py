@@ -1,0 +1,174 @@
+"""Export sidecars, ``FILE.<ext>.json`` beside each ``.pte`` / ``.onnx`` / ``.mlpackage``.
+
+What other stages and the phone harnesses read is typed here; the verification report (parity, delegation,
+quantization, Core ML structure, versions, timings) is kept as ``details`` for people and the report.
+
+    format            "pte" | "onnx" | "coreml"
+    artifact          the artifact's file name
+    sha256, file_size_bytes   what the artifact was when exported: bench refuses an artifact that differs
+    model, model_kwargs       timm name and kwargs of the exported model
+    checkpoint        the eager model file it came from (absolute; null for random weights)
+    class_names       [C]
+    input_shape       [1, 3, H, W]
+    preprocess        the model file's Preprocess (mobile_vmoe.preprocess): what an app must do to an image
+    routing           {E, K, L, ...} for a MoE, null for a dense model (mobile_vmoe.bench.schema's keys)
+    precision         "fp32", "int8", "fp16", ...
+    expert_dispatch   "switch" | "gather" | null, and expert_dispatch_reason
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..common import UserError, read_json, write_json_atomic
+from ..preprocess import Preprocess
+
+__all__ = ["Sidecar", "artifact_digest", "find_sidecar", "read_sidecar", "sidecar_path", "write_sidecar"]
+
+VERSION = 2
+_TYPED = (
+    "sidecar_version", "format", "artifact", "sha256", "file_size_bytes", "model", "model_kwargs", "checkpoint",
+    "random_weights", "class_names", "input_shape", "preprocess", "routing", "precision", "expert_dispatch",
+    "expert_dispatch_reason",
+)  # fmt: skip
+
+
+@dataclass
+class Sidecar:
+    format: str
+    artifact: str
+    model: str
+    model_kwargs: dict[str, Any]
+    class_names: list[str]
+    input_shape: list[int]
+    preprocess: Preprocess
+    precision: str
+    routing: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    random_weights: bool = False
+    expert_dispatch: str | None = None
+    expert_dispatch_reason: str | None = None
+    sha256: str | None = None
+    file_size_bytes: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.routing is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"sidecar_version": VERSION}
+        for k in _TYPED[1:]:
+            v = getattr(self, k)
+            d[k] = v.to_dict() if isinstance(v, Preprocess) else v
+        return {**d, **self.details}
+
+    def check_artifact(self, path: str | os.PathLike[str], sidecar_file: str | os.PathLike[str]) -> None:
+        """Refuse an artifact that is not the one this sidecar describes (another model copied over it)."""
+        if self.sha256 is None:
+            return  # written before sidecars recorded a digest
+        size, digest = artifact_digest(path)
+        if digest != self.sha256 or (self.file_size_bytes is not None and size != self.file_size_bytes):
+            raise UserError(
+                f"{path}: does not match its sidecar {sidecar_file} (sidecar: {self.file_size_bytes} bytes, "
+                f"sha256 {self.sha256[:12]}...; file: {size} bytes, sha256 {digest[:12]}...). Re-export it, "
+                f"or remove the stale sidecar"
+            )
+
+
+def sidecar_path(artifact: str | os.PathLike[str]) -> Path:
+    p = Path(artifact)
+    return p.with_name(p.name + ".json")
+
+
+def artifact_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(size in bytes, sha256) of a file, or of a directory's files in sorted order (an .mlpackage)."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    h, size = hashlib.sha256(), 0
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+                size += len(chunk)
+    return size, h.hexdigest()
+
+
+def write_sidecar(
+    artifact: str | os.PathLike[str], sc: Sidecar, at: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write ``sc`` for ``artifact`` (digest taken now); ``at`` overrides where (a temporary path)."""
+    sc.file_size_bytes, sc.sha256 = artifact_digest(artifact)
+    out = Path(at) if at is not None else sidecar_path(artifact)
+    write_json_atomic(out, sc.to_dict())
+    return out
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
+    where = str(path)
+    obj = read_json(path, "export sidecar")
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: export sidecar must be a JSON object")
+
+    def need(key: str, typ: type | tuple[type, ...]) -> Any:
+        v = obj.get(key)
+        if not isinstance(v, typ):
+            raise UserError(f"{where}: field {key!r} must be {getattr(typ, '__name__', typ)}, got {v!r}")
+        return v
+
+    fmt = need("format", str)
+    if "input_shape" in obj:
+        shape = need("input_shape", list)
+    else:  # sidecar version 1
+        shape = (obj.get("input") or {}).get("shape") if isinstance(obj.get("input"), dict) else None
+        if not isinstance(shape, list):
+            raise UserError(f"{where}: field 'input_shape' (or input.shape) is missing")
+    if not (len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise UserError(f"{where}: field 'input_shape' must be [1, 3, H, W], got {shape!r}")
+    pre = obj.get("preprocess")
+    if isinstance(pre, dict) and "size" in pre:
+        preprocess = Preprocess.from_dict(pre, f"{where}: field 'preprocess'")
+    else:  # version 1 resized straight to the input size
+        pre = pre if isinstance(pre, dict) else {}
+        preprocess = Preprocess.from_dict(
+            {k: v for k, v in {"size": shape[-1], "resize": shape[-1], "mean": pre.get("mean"),
+                               "std": pre.get("std")}.items() if v is not None},
+            f"{where}: field 'preprocess'",
+        )  # fmt: skip
+    routing = obj.get("routing")
+    if routing is not None and not (isinstance(routing, dict) and all(k in routing for k in ("E", "K", "L"))):
+        raise UserError(f"{where}: field 'routing' must be null or an object with E, K, L; got {routing!r}")
+    size = obj.get("file_size_bytes")
+    return Sidecar(
+        format=fmt,
+        artifact=str(obj.get("artifact") or Path(where).name.removesuffix(".json")),
+        model=str(obj.get("model") or ""),
+        model_kwargs=dict(obj.get("model_kwargs") or {}),
+        class_names=[str(c) for c in obj.get("class_names") or []],
+        input_shape=[int(s) for s in shape],
+        preprocess=preprocess,
+        precision=str(obj.get("precision") or "fp32"),
+        routing=routing,
+        checkpoint=obj.get("checkpoint") if isinstance(obj.get("checkpoint"), str) else None,
+        random_weights=bool(obj.get("random_weights", False)),
+        expert_dispatch=obj.get("expert_dispatch"),
+        expert_dispatch_reason=obj.get("expert_dispatch_reason"),
+        sha256=obj.get("sha256") if isinstance(obj.get("sha256"), str) else None,
+        file_size_bytes=int(size) if isinstance(size, int) else None,
+        details={k: v for k, v in obj.items() if k not in _TYPED},
+    )
+
+
+def find_sidecar(artifact: str | os.PathLike[str]) -> tuple[Path | None, Sidecar | None]:
+    """The sidecar of ``artifact``: FILE.<ext>.json, else FILE.json; (None, None) when there is none."""
+    p = Path(artifact)
+    for cand in (sidecar_path(p), p.with_suffix(".json")):
+        if cand.is_file():
+            return cand, read_sidecar(cand)
+    return None, None
