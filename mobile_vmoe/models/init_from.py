@@ -46,7 +46,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _listing(what: str, names: list[str]) -> str:
-    more = f", ... ({len(names)} in all)" if len(names) > _SHOW else ""
+    more = f" and {len(names) - _SHOW} more" if len(names) > _SHOW else ""
     return f"{len(names)} {what}: {', '.join(names[:_SHOW])}{more}"
 
 
@@ -73,10 +73,10 @@ def init_from(model: nn.Module, path: str | os.PathLike[str], *, reset_head: boo
 
     fresh: list[str] = []
     head = [k for k in own if k.startswith("head.")]
-    head_differs = any(k in state and state[k].shape != own[k].shape for k in head)
-    if head_differs:
+    theirs = state["head.weight"].shape[0] if "head.weight" in state else None
+    ours = own["head.weight"].shape[0] if "head.weight" in own else None
+    if theirs is not None and ours is not None and theirs != ours:
         if not reset_head:
-            theirs, ours = state["head.weight"].shape[0], own["head.weight"].shape[0]
             raise UserError(
                 f"{p}: its classifier head has {theirs} classes, the model {ours}; "
                 "pass reset_head=True to keep the model's fresh head"

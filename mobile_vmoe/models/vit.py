@@ -63,7 +63,7 @@ class MobileVMoE(VisionTransformer):
         self.num_moe_layers = num_moe_layers
         self.num_experts = num_experts if num_moe_layers else 0
         self.top_k = top_k if num_moe_layers else 0
-        self.router: Router | None = None
+        self.router = None  # a Router when num_moe_layers > 0
         self.moe_blocks = nn.ModuleList()
         if num_moe_layers:
             if num_experts < 1:
@@ -321,8 +321,17 @@ def remap_state_dict(state: dict[str, torch.Tensor], model: MobileVMoE) -> dict[
 
 
 def checkpoint_filter_fn(state: dict[str, torch.Tensor], model: MobileVMoE) -> dict[str, torch.Tensor]:
-    """timm's ViT checkpoint filter (unwrapping, position-embedding resampling), then ``remap_state_dict``."""
-    return remap_state_dict(vit_checkpoint_filter_fn(state, model), model)
+    """timm's ViT checkpoint filter (unwrapping, position-embedding resampling), then ``remap_state_dict``.
+
+    A dense checkpoint has no router: upcycled into a MoE, the router keeps the model's fresh weights (so that
+    timm's strict load accepts it).
+    """
+    state = vit_checkpoint_filter_fn(state, model)
+    dense_source = not any(k.startswith(("moe_blocks.", "router.")) for k in state)
+    out = remap_state_dict(state, model)
+    if model.router is not None and dense_source:
+        out.update({f"router.{k}": v for k, v in model.router.state_dict().items()})
+    return out
 
 
 def upcycle_dense_state_dict(moe: MobileVMoE, dense_state: dict[str, torch.Tensor]) -> list[str]:
