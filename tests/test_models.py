@@ -8,7 +8,7 @@ import torch
 import mobile_vmoe.models  # noqa: F401
 from mobile_vmoe.checkpoint import ModelMeta, load_model, save_model
 from mobile_vmoe.common import UserError
-from mobile_vmoe.models import profile_model, upcycle_dense_state_dict
+from mobile_vmoe.models import init_from, profile_model, upcycle_dense_state_dict
 from mobile_vmoe.preprocess import Preprocess
 
 ALL = sorted(timm.list_models("mobile_v*"))
@@ -186,3 +186,100 @@ def test_cli_models_table():
     assert float(moe[4]) > 1.8 * float(dense[4])  # total params
     assert abs(float(moe[6]) / float(dense[6]) - 1) < 0.02  # GFLOPs
     assert "MoE E=10 K=1 L=2" in lines[3]
+
+
+# init_from: weights the user has, into a fresh model
+
+
+def _save_state(path, model):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_init_from_dense_into_dense_and_run_dir(tmp_path):
+    src = timm.create_model("mobile_vit_nano_patch8_32", num_classes=4).eval()
+    meta = ModelMeta(
+        "mobile_vit_nano_patch8_32", {"num_classes": 4}, ["a", "b", "c", "d"], Preprocess.for_model(src)
+    )
+    save_model(tmp_path / "model.safetensors", src, meta)
+    for path in (tmp_path, tmp_path / "model.safetensors"):  # a run directory, the model file
+        m = timm.create_model("mobile_vit_nano_patch8_32", num_classes=4).eval()
+        assert init_from(m, path) == []
+        with torch.no_grad():
+            torch.testing.assert_close(m(_x(m)), src(_x(m)), atol=0, rtol=0)
+
+
+def test_init_from_upcycles_dense_into_moe(tmp_path):
+    dense = timm.create_model("mobile_vit_nano_patch8_32", num_classes=4)
+    path = _save_state(tmp_path / "dense.safetensors", dense)
+    moe = timm.create_model("mobile_vmoe_nano_patch8_32", num_classes=4, num_experts=3)
+    fresh_router = moe.router.proj.weight.detach().clone()
+    fresh = init_from(moe, path)
+    assert sorted(fresh) == [
+        "router.norm.bias",
+        "router.norm.weight",
+        "router.proj.bias",
+        "router.proj.weight",
+    ]
+    assert torch.equal(moe.router.proj.weight, fresh_router)
+    for j, i in enumerate((10, 11)):
+        mlp, d = moe.moe_blocks[j].mlp, dense.blocks[i].mlp
+        for e in range(3):
+            assert torch.equal(mlp.fc1_weight[e], d.fc1.weight.t()) and torch.equal(
+                mlp.fc2_bias[e], d.fc2.bias
+            )
+        assert torch.equal(moe.moe_blocks[j].attn.qkv.weight, dense.blocks[i].attn.qkv.weight)
+    # MoE weights into a MoE: loaded as they are, nothing left fresh
+    again = timm.create_model("mobile_vmoe_nano_patch8_32", num_classes=4, num_experts=3)
+    assert init_from(again, _save_state(tmp_path / "moe.safetensors", moe)) == []
+    assert torch.equal(again.router.proj.weight, moe.router.proj.weight)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_init_from_timm_vit_state_dict(tmp_path, suffix):
+    # timm's own ViT with the nano shape: its key names are the dense model's
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, num_heads=2, num_classes=100
+    )
+    path = tmp_path / f"vit{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": vit.state_dict()}, path)
+    else:
+        _save_state(path, vit)
+    moe = timm.create_model("mobile_vmoe_nano_patch8_32", num_experts=2)
+    assert all(k.startswith("router.") for k in init_from(moe, path))
+    assert torch.equal(moe.moe_blocks[1].mlp.fc1_weight[1], vit.blocks[11].mlp.fc1.weight.t())
+    dense = timm.create_model("mobile_vit_nano_patch8_32").eval()
+    assert init_from(dense, path) == []
+    with torch.no_grad():
+        torch.testing.assert_close(dense(_x(dense)), vit.eval()(_x(dense)), atol=0, rtol=0)
+
+
+def test_init_from_mismatch_and_head_errors(tmp_path):
+    micro = _save_state(tmp_path / "micro.safetensors", timm.create_model("mobile_vit_micro_patch8_32"))
+    m = timm.create_model("mobile_vit_nano_patch8_32")
+    with pytest.raises(UserError) as e:
+        init_from(m, micro)
+    msg = str(e.value)
+    assert (
+        "micro.safetensors" in msg
+        and "shape mismatches (file vs model): " in msg
+        and "blocks.0.attn.qkv.weight (288, 96) vs (192, 64)" in msg
+    )
+    moe_file = _save_state(tmp_path / "moe.safetensors", timm.create_model("mobile_vmoe_nano_patch8_32"))
+    with pytest.raises(UserError) as e:  # MoE weights have no dense MLP for the last blocks
+        init_from(m, moe_file)
+    msg = str(e.value)
+    assert "24 missing: blocks.10.norm1.weight" in msg and "28 unexpected: moe_blocks.0." in msg
+    ten = _save_state(
+        tmp_path / "ten.safetensors", timm.create_model("mobile_vit_nano_patch8_32", num_classes=10)
+    )
+    with pytest.raises(
+        UserError, match="classifier head has 10 classes, the model 100; pass reset_head=True"
+    ):
+        init_from(m, ten)
+    assert init_from(m, ten, reset_head=True) == ["head.weight", "head.bias"]
+    with pytest.raises(UserError, match="not found"):
+        init_from(m, tmp_path / "nope.safetensors")

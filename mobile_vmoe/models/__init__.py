@@ -1,8 +1,9 @@
 """Model families. Importing this package registers every model with timm."""
 
-from .moe import ExpertMlp, MoEBlock, Router, Routing, expert_load, load_balancing_loss
+from .init_from import init_from
+from .moe import ExpertMlp, MoEBlock, Router, Routing, choose_experts, expert_load, load_balancing_loss
 from .profile import ModelProfile, count_flops, count_params, profile_model
-from .vit import VARIANTS, MobileVMoE, upcycle_dense_state_dict
+from .vit import VARIANTS, MobileVMoE, checkpoint_filter_fn, remap_state_dict, upcycle_dense_state_dict
 
 __all__ = [
     "ExpertMlp",
@@ -12,10 +13,14 @@ __all__ = [
     "Router",
     "Routing",
     "VARIANTS",
+    "checkpoint_filter_fn",
+    "choose_experts",
     "count_flops",
     "count_params",
     "expert_load",
+    "init_from",
     "load_balancing_loss",
     "profile_model",
+    "remap_state_dict",
     "upcycle_dense_state_dict",
 ]

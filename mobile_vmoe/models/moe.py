@@ -8,15 +8,19 @@ Shape letters, used in every module of this package (as google-research/vmoe doe
 
 Mobile V-MoE routes whole images, not tokens: one router, placed after the last dense block, picks K of E
 experts per image, and the same experts (with the same gate weights) serve every MoE block.
-"""
 
-from __future__ import annotations
+``Router`` and ``ExpertMlp`` are timm FX leaf modules: their control flow depends on the data (a forced expert
+choice, the expert dispatch), so timm's feature extraction keeps each as one call. A plain
+``torch.fx.symbolic_trace`` traces into them; they take a traceable form then (see ``_fx_tracing``).
+"""
 
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 
 class Routing(NamedTuple):
@@ -27,6 +31,44 @@ class Routing(NamedTuple):
     gates: torch.Tensor  # [B, K] weight of each chosen expert's output
 
 
+def _fx_tracing() -> bool:
+    """True while torch.fx traces Python code (TorchScript compiles only the first branch)."""
+    if torch.jit.is_scripting():
+        tracing = False
+    else:
+        tracing = is_fx_symbolic_tracing()
+    return tracing
+
+
+def _graph_tracing() -> bool:
+    """True while a tracer records one path through the code: FX, torch.jit.trace, dynamo / torch.export."""
+    if torch.jit.is_scripting():
+        tracing = False
+    else:
+        tracing = is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return tracing
+
+
+def choose_experts(
+    logits: torch.Tensor, top_k: int, renormalize: bool, expert_idx: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, E] -> (gates [B, K], expert_idx [B, K]); a given ``expert_idx`` ([B, K] or [B]) is kept."""
+    probs = logits.softmax(dim=-1)
+    if expert_idx is None:
+        gates, idx = probs.topk(top_k, dim=-1)
+    else:
+        idx = expert_idx.reshape(logits.shape[0], -1).long()
+        gates = probs.gather(1, idx)
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates, idx
+
+
+# A plain FX trace passes the optional expert_idx as a placeholder, so `is None` must be decided at run time.
+torch.fx.wrap("choose_experts")
+
+
+@register_notrace_module
 class Router(nn.Module):
     """One per-image router: summary of the tokens -> E logits -> top-K experts and their gates.
 
@@ -48,6 +90,8 @@ class Router(nn.Module):
         summary: str = "mean",
         renormalize: bool = False,
         num_prefix_tokens: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if summary not in ("mean", "cls"):
@@ -64,38 +108,35 @@ class Router(nn.Module):
         # export/rewrite.py sets a [1, T] row of token weights (0 on the prefix tokens, 1/T' on the patches):
         # the token mean as one linear map, which XNNPACK runs (it has no mean over a 3-D tensor's tokens).
         self.register_buffer("token_avg", None, persistent=False)
-        self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, num_experts)
+        self.norm = nn.LayerNorm(dim, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, num_experts, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor | None = None) -> Routing:
         """x: [B, T, D]. ``expert_idx`` [B, K] (or [B]) forces the choice, e.g. for analysis."""
-        if self.summary == "mean" and self.token_avg is not None:
-            s = F.linear(x.transpose(1, 2), self.token_avg).flatten(1)  # [B, D, T] -> [B, D]
+        token_avg = self.token_avg
+        if self.summary == "mean" and token_avg is not None:
+            s = F.linear(x.transpose(1, 2), token_avg).flatten(1)  # [B, D, T] -> [B, D]
         elif self.summary == "mean":
             s = x[:, self.num_prefix_tokens :].mean(dim=1)  # [B, D]
         else:
             s = x[:, 0]  # [B, D]
         logits = self.proj(self.norm(s))  # [B, E]
-        probs = logits.softmax(dim=-1)
-        if expert_idx is None:
-            gates, expert_idx = probs.topk(self.top_k, dim=-1)  # [B, K], [B, K]
-        else:
-            expert_idx = expert_idx.reshape(x.shape[0], -1).long()
-            gates = probs.gather(1, expert_idx)
-        if self.renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        return Routing(logits, expert_idx, gates)
+        gates, idx = choose_experts(logits, self.top_k, self.renormalize, expert_idx)
+        return Routing(logits, idx, gates)
 
 
+@register_notrace_module
 class ExpertMlp(nn.Module):
     """E expert MLPs stored as stacked parameters; only the K chosen experts of each image are computed.
 
-    Inference gathers the chosen experts' weights by index and runs batched matmuls: no data-dependent Python
-    control flow, so torch.export / ExecuTorch / Core ML / ONNX keep the sparse compute (computing all experts and
-    selecting costs 2.5x dense on device, the gather form costs the same as dense; ../shared/NOTES.md).
-    With gradients on, ``dispatch="auto"`` groups the images by expert instead, which avoids materialising a
-    [B*K, D, H] weight copy per layer and measured faster on CPU (benchmarks/moe_overhead.py). The .pte and
-    .onnx exports replace the gather with one ``torch.cond`` branch per expert (export/switch.py).
+    Two dispatch forms compute the same function:
+      * gather: index_select the chosen experts' weights and run batched matmuls. No data-dependent Python
+        control flow, so torch.export / ExecuTorch / Core ML / ONNX / TorchScript / FX keep the sparse compute.
+      * grouped: one dense matmul per expert over the images routed to it. It avoids a [B*K, D, H] weight copy
+        per layer, which pays off when gradients are taken.
+    ``dispatch="auto"`` groups while gradients are enabled and gathers otherwise; anything that can only
+    record one path (a tracer, the meta device) gathers. The .pte and .onnx exports replace the gather with
+    one ``torch.cond`` branch per expert (export/switch.py).
     """
 
     def __init__(
@@ -106,16 +147,19 @@ class ExpertMlp(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
         dispatch: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dispatch not in ("auto", "gather", "grouped"):
             raise ValueError(f"dispatch must be 'auto', 'gather' or 'grouped', got {dispatch!r}")
+        dd = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
         self.dispatch = dispatch
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))  # [E, D, H]
-        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim))  # [E, H]
-        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # [E, H, D]
-        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim))  # [E, D]
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **dd))  # [E, D, H]
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim, **dd))  # [E, H]
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **dd))  # [E, H, D]
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim, **dd))  # [E, D]
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
         self.reset_parameters()
@@ -143,12 +187,15 @@ class ExpertMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D] = sum_k gates[:, k] * expert_{idx[:, k]}(x)."""
-        grouped = self.dispatch == "grouped" or (
-            self.dispatch == "auto" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        )
-        if grouped:
+        if self._grouped(x):
             return self._forward_grouped(x, routing)
         return self._forward_gather(x, routing)
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        # The grouped loop reads the expert counts on the host: no tracer can record it, a meta tensor has none.
+        if self.dispatch == "gather" or _graph_tracing() or x.device.type == "meta":
+            return False
+        return self.dispatch == "grouped" or torch.is_grad_enabled()
 
     def _forward_gather(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # The K chosen experts of an image side by side: one [D, K*H] and one [K*H, D] matrix per image, so
@@ -165,20 +212,22 @@ class ExpertMlp(nn.Module):
         w2 = self.fc2_weight.index_select(0, idx)  # [B*K, H, D]
         b1 = self.fc1_bias.index_select(0, idx).reshape(B, 1, K * H)
         b2 = self.fc2_bias.index_select(0, idx).reshape(B, K, D)
-        if K > 1:
+        # Under FX, K is a graph value and cannot pick a branch: the general form is also right for K=1.
+        single = not _fx_tracing() and K == 1
+        if not single:
             w1 = w1.reshape(B, K, D, H).transpose(1, 2).reshape(B, D, K * H)
             w2 = w2.reshape(B, K * H, D)
         # With K=1 the gathered weights are [B, D, H] and [B, H, D] already: no reshape, which on export would
-        # be a copy inside XNNPACK (a reshape of a delegate input; 0.02 ms per ViT-Tiny expert matrix).
+        # be a copy inside XNNPACK (a reshape of a delegate input).
         h = self.drop(self.act(torch.baddbmm(b1, x, w1)))  # [B, T, K*H]
-        if K == 1:
+        if single:
             # one expert: the gate scales the [T, D] output, 4x fewer elements than the hidden units
             return self.drop(torch.baddbmm(b2, h, w2)) * gates.reshape(B, 1, 1)  # [B, T, D]
         h = (h.reshape(B, T, K, H) * gates.reshape(B, 1, K, 1)).reshape(B, T, K * H)
         return self.drop(torch.baddbmm(torch.bmm(gates.unsqueeze(1), b2), h, w2))  # [B, T, D]
 
     def _forward_grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        # Training path: one dense matmul per expert over the images routed to it (Python control flow).
+        # One dense matmul per expert over the images routed to it (Python control flow on the counts).
         B, T, D = x.shape
         K = routing.expert_idx.shape[1]
         flat_idx = routing.expert_idx.reshape(-1)  # [B*K]
@@ -186,7 +235,7 @@ class ExpertMlp(nn.Module):
         flat_gate = routing.gates.reshape(-1)
         out = torch.zeros_like(x)
         order = torch.argsort(flat_idx, stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()
+        counts: list[int] = torch.bincount(flat_idx, minlength=self.num_experts).tolist()
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -207,7 +256,10 @@ class ExpertMlp(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """A pre-norm ViT block whose MLP is an ExpertMlp; attention and norms are shared, taken from a timm Block."""
+    """A pre-norm ViT block whose MLP is an ExpertMlp; attention and norms are shared, taken from a timm Block.
+
+    The expert stack is created on the block's device and in its dtype.
+    """
 
     def __init__(self, block: nn.Module, num_experts: int, dispatch: str = "auto") -> None:
         super().__init__()
@@ -226,10 +278,18 @@ class MoEBlock(nn.Module):
             act_layer=type(block.mlp.act),
             drop=block.mlp.drop1.p if isinstance(block.mlp.drop1, nn.Dropout) else 0.0,
             dispatch=dispatch,
+            device=fc1.weight.device,
+            dtype=fc1.weight.dtype,
         )
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(
+        self,
+        x: torch.Tensor,
+        routing: Routing,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), routing)))
         return x
 
@@ -249,4 +309,12 @@ def expert_load(routing: Routing, num_experts: int) -> torch.Tensor:
     return torch.bincount(routing.expert_idx.reshape(-1), minlength=num_experts)
 
 
-__all__ = ["Routing", "Router", "ExpertMlp", "MoEBlock", "load_balancing_loss", "expert_load"]
+__all__ = [
+    "Routing",
+    "Router",
+    "ExpertMlp",
+    "MoEBlock",
+    "choose_experts",
+    "load_balancing_loss",
+    "expert_load",
+]

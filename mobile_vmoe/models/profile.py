@@ -1,7 +1,5 @@
 """Parameter and FLOP counts, measured with torch.utils.flop_counter rather than hand formulas."""
 
-from __future__ import annotations
-
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,7 +41,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None
     counter = FlopCounterMode(display=False)
     try:
         with counter:
-            model(torch.zeros(1, *input_size))
+            p = next(model.parameters())
+            model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
