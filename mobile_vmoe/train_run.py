@@ -85,7 +85,7 @@ def locked(run: Path, enabled: bool = True) -> Iterator[None]:
         run.mkdir(parents=True, exist_ok=True)
         fh = open(run / LOCK_FILE, "a+")
     except OSError as e:
-        raise UserError(f"--out {run}: cannot create the run directory ({e.strerror or e})") from None
+        raise UserError(f"--out {run}: cannot create or lock the run directory ({e.strerror or e})") from None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
