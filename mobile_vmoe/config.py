@@ -6,7 +6,8 @@ The dataclass defaults are the DeiT recipe for ImageNet-1k (Touvron et al. 2021,
 ``imagenet1k_<size>`` presets only name the model; the presets for the built-in datasets (``synthetic``,
 ``digits``, ``quick``) override what a 2-core CPU needs. A preset may ``inherit`` another one.
 Overrides use dotted keys; values are parsed as YAML and checked against the field's type; an unknown key is a
-``UserError`` naming it. The resolved config is saved as ``RUN/config.yaml`` and can be loaded again as a file.
+``UserError`` naming it. The resolved config is saved as ``RUN/config.yaml`` and can be loaded again as a file;
+a resumed run may change only the keys in ``RESUME_MAY_CHANGE``.
 """
 
 from __future__ import annotations
@@ -31,21 +32,26 @@ __all__ = [
     "load_structured",
     "list_presets",
     "config_to_dict",
+    "config_changes",
+    "config_from_dict",
     "dump_yaml",
+    "RESUME_MAY_CHANGE",
 ]
 
 
 @dataclass
 class DataConfig:
-    spec: str = (
-        ""  # "synthetic" | "digits" | an ImageFolder directory (--data / --dataset); ImageNet: --data DIR
-    )
+    # "synthetic" | "digits" | an ImageFolder directory (--data / --dataset); ImageNet: --data DIR
+    spec: str = ""
     root: str = "data"  # where built-in datasets are built
-    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # generator options of a built-in dataset
+    # generator options of a built-in dataset; ignored for a directory (a preset's options never block --data)
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 0  # 0: the model's own input size; else the model is built with img_size=image_size
     heldout_fraction: float = 0.01  # google-research/vmoe holds out train[99%:] for the confusion matrix
     heldout_min_per_class: int = 2  # so every class has a row in the held-out confusion matrix
     num_workers: int = 8  # data-loader processes per rank (JPEG decoding + RandAugment are CPU-bound)
+    # a dataset with more unreadable images than this fraction is refused before training; fewer are skipped
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -88,9 +94,7 @@ class AugConfig:
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     mixup_mode: str = "batch"
     label_smoothing: float = 0.1
-    drop_path: float = (
-        0.1  # stochastic depth rate (DeiT-Tiny/-Small: 0.1); passed to the model, not saved with it
-    )
+    drop_path: float = 0.1  # stochastic depth rate (DeiT-Tiny/-Small: 0.1); passed to the model, not saved
 
 
 @dataclass
@@ -123,9 +127,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     amp: str = "auto"  # auto: bf16 autocast on CUDA, off on CPU | bf16 | fp16 (with GradScaler) | off
-    ema: bool = (
-        False  # keep an EMA of the weights (timm ModelEmaV3); the final RUN/model.safetensors is the EMA
-    )
+    ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3); the final RUN/model.safetensors is it
     ema_decay: float = 0.99996  # DeiT's value (per step at batch 1024)
     compile: bool = False  # torch.compile the training forward
     seed: int = 0
@@ -134,8 +136,45 @@ class Config:
     device: str = "auto"  # auto: cuda:LOCAL_RANK if CUDA is available, else cpu
     threads: int = 0  # torch intra-op threads per process; 0: torch's default
     resume: bool = False  # continue from the newest COMPLETE checkpoint in out (--resume)
+    init_from: str | None = None  # model file whose weights initialise the model (--init-from); not a resume
     ddp_find_unused: bool | None = None  # None: on for MoE (unrouted experts get no grad), off for dense
     dump_replicas: bool = False  # DDP debugging: rank r > 0 writes RUN/replica_rank<r>.safetensors at the end
+
+
+# What a resumed run may change (``train --resume``): how long it runs (a new ``schedule.epochs`` also re-times
+# the learning-rate schedule, a function of (config, step)), how it logs, loads data and keeps checkpoints;
+# ``out`` because a run directory may be moved; ``resume`` itself. Any other change (model, data, batch, recipe,
+# seed, init_from, ...) would make the run a different one: it is refused, naming each changed key.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "schedule.epochs",
+        "schedule.max_steps",
+        "log_interval",
+        "data.num_workers",
+        "threads",
+        "checkpoint.keep_last",
+        "checkpoint.every_n_steps",
+        "dump_replicas",
+        "resume",
+        "out",
+    }
+)
+
+
+def config_changes(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every leaf that differs between two configs (dict-valued fields included)."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 PRESET_PACKAGE = "mobile_vmoe"  # presets are package data: mobile_vmoe/configs/*.yaml
@@ -340,6 +379,16 @@ def load_structured(
     for item in overrides:
         _apply_override(d, item, cls)
     return _build(cls, d)
+
+
+def config_from_dict(d: dict[str, Any], where: str) -> Config:
+    """A Config from a plain dict (as ``config_to_dict`` makes it), checked as a YAML file would be."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a mapping of config keys, got {type(d).__name__}")
+    try:
+        return _build(Config, d)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def load_config(preset_or_file: str, overrides: typing.Sequence[str] = ()) -> Config:

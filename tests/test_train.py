@@ -214,7 +214,7 @@ def test_bad_input_fails_before_training(tmp_path, data_root, truth):
     fails("'assignment' has 3 entries", model=MOE, sc=str(bad_map))
     empty = tmp_path / "imgs"
     (empty / "train" / "a").mkdir(parents=True)
-    fails("holds no images", f"data.spec={empty}", "data.dataset_kwargs={}")
+    fails("holds no images", f"data.spec={empty}")
 
     run = train(quick(tmp_path, "twice", "schedule.max_steps=1", data_root=data_root))
     with pytest.raises(UserError, match="already holds checkpoints"):
@@ -285,6 +285,7 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path, data_root, truth):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "mobile_vmoe.cli", "train", "--config", "quick", "--model", MOE, "--superclasses", str(truth),
         "--out", str(run), f"data.root={data_root}", "threads=1", "dump_replicas=true", "batch_size=8",
+        "checkpoint.every_n_steps=4",  # mid-epoch checkpoints sum the epoch's metrics over the ranks
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -296,3 +297,5 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path, data_root, truth):
     assert load_model(run)[0].is_moe
     ep = records(run, "epoch")[-1]
     assert ep["step"] == 2 * 15 and len(ep["train_expert_load"]) == 3  # 126 images / 2 ranks / 4 per step
+    state = torch.load(run / "checkpoints" / "step_00000028" / "state.pt", weights_only=True)
+    assert int(state["epoch_sums"]["images"]) == 13 * 8  # step 13 of epoch 2, both ranks' images
