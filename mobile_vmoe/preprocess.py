@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .common import UserError
 
-__all__ = ["Preprocess", "INTERPOLATIONS", "to_rgb8"]
+__all__ = ["HIGH_BIT_MODES", "INTERPOLATIONS", "Preprocess", "to_rgb8"]
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -125,13 +125,18 @@ class Preprocess:
         )
 
 
+# PIL modes of more than 8 bits per grey pixel, whose convert("RGB") clips to white instead of scaling.
+# (PIL opens 48- and 64-bit colour PNGs as 8-bit RGB / RGBA from the high bytes: already scaled.)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
 def to_rgb8(img: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB, high bit depths scaled (PIL's convert("RGB") clips 16-bit PNGs to white)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in HIGH_BIT_MODES:
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         if img.mode == "F":
             top = 1.0 if a.max() <= 1.0 else top
         a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")  # uint8 [H, W]: mode L
     return img.convert("RGB")
