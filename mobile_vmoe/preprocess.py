@@ -27,6 +27,14 @@ __all__ = ["HIGH_BIT_MODES", "INTERPOLATIONS", "Preprocess", "to_rgb8"]
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is no image size
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     size: int  # model input, size x size
@@ -37,9 +45,9 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (isinstance(self.size, int) and self.size >= 1):
+        if not (_is_int(self.size) and self.size >= 1):
             problems.append(f"size must be an integer >= 1, got {self.size!r}")
-        elif not (isinstance(self.resize, int) and self.resize >= self.size):
+        elif not (_is_int(self.resize) and self.resize >= self.size):
             problems.append(f"resize must be an integer >= size ({self.size}), got {self.resize!r}")
         if self.interpolation not in INTERPOLATIONS:
             problems.append(
@@ -47,7 +55,7 @@ class Preprocess:
             )
         for name in ("mean", "std"):
             v = getattr(self, name)
-            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v)
             if not ok or (name == "std" and min(v) <= 0):
                 problems.append(f"{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {v!r}")
         if problems:
