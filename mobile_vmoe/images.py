@@ -57,7 +57,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         except BAD_IMAGE_ERRORS as e:
             if self._warned < 10:
                 self._warned += 1
-                log.warning("skipping unreadable image %s: %s", self.data_dir / s.path, e)
+                log.warning("skipping unreadable image %s: %s", self.data_dir / s.path, _why(e))
             return None
         if self.transform is not None:
             img = self.transform(img)
