@@ -1,10 +1,11 @@
-"""Small helpers every stage shares: user errors, atomic writes, stage markers."""
+"""Small helpers every stage shares: user errors, atomic writes, reading JSON."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,15 +31,11 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     try:
         yield tmp_path
         if target.is_dir() and not target.is_symlink():
-            import shutil
-
             shutil.rmtree(target)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             if tmp_path.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp_path, ignore_errors=True)
             else:
                 tmp_path.unlink()

@@ -6,30 +6,69 @@ For a MoE the report adds the router's accuracy against the super-classes (when 
 super-class map, or ``--superclasses`` is given), the number of images routed to each expert (all K choices),
 the accuracy of the images whose first choice is each expert, and the class x expert count matrix (all K
 choices) in the JSON, from which a heatmap can be drawn. The training loop computes its per-epoch validation
-metrics with the same ``eval_counts`` / ``summarize_counts``.
+metrics with the same ``eval_counts`` / ``summarize_counts``. Shape letters as in ``mobile_vmoe/models/moe.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from .checkpoint import ModelMeta, load_model, resolve_model_file
 from .common import UserError, write_json_atomic
-
-log = logging.getLogger(__name__)
+from .data import ImageListDataset, collate_skip_bad, scan_dataset
+from .files.file_list import Sample, read_file_list
+from .files.superclass_map import read_superclass_map
+from .models.moe import Routing
 
 __all__ = ["evaluate", "eval_counts", "summarize_counts"]
 
 
-def routed_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def routed_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
     """``(logits, Routing)`` of a Mobile V-MoE, ``(logits, None)`` of a dense model."""
     fwr = getattr(model, "forward_with_routing", None)
     return fwr(images) if fwr is not None else (model(images), None)
+
+
+def _zero_counts(C: int, E: int) -> dict[str, torch.Tensor]:
+    c = {
+        "n": torch.zeros((), dtype=torch.int64),
+        "correct1": torch.zeros((), dtype=torch.int64),
+        "correct5": torch.zeros((), dtype=torch.int64),
+        "loss_sum": torch.zeros((), dtype=torch.float64),
+        "skipped": torch.zeros((), dtype=torch.int64),
+    }
+    if E:
+        c["class_expert"] = torch.zeros(C, E, dtype=torch.int64)  # all K choices
+        c["expert_n"] = torch.zeros(E, dtype=torch.int64)  # images whose first choice is e
+        c["expert_correct"] = torch.zeros(E, dtype=torch.int64)
+        c["router_correct"] = torch.zeros((), dtype=torch.int64)
+    return c
+
+
+def _count_routing(
+    c: dict[str, torch.Tensor],
+    routing: Routing,
+    targets: torch.Tensor,
+    hit1: torch.Tensor,
+    super_of: torch.Tensor | None,
+) -> None:
+    """Add one batch's routing to ``c``: targets [B], hit1 [B] (top-1 correct), super_of [C]; all on the CPU."""
+    idx = routing.expert_idx.cpu()  # [B, K]
+    B, K = idx.shape
+    E = c["expert_n"].numel()
+    c["class_expert"].index_put_(
+        (targets.repeat_interleave(K), idx.reshape(-1)), torch.ones(B * K, dtype=torch.int64), accumulate=True
+    )
+    first = idx[:, 0]
+    c["expert_n"] += torch.bincount(first, minlength=E)
+    c["expert_correct"] += torch.bincount(first, weights=hit1.double(), minlength=E).long()
+    if super_of is not None:
+        c["router_correct"] += (routing.logits.argmax(dim=1).cpu() == super_of.cpu()[targets]).sum()
 
 
 @torch.no_grad()
@@ -47,20 +86,8 @@ def eval_counts(
     was_training = model.training
     model.eval()
     E = int(getattr(model, "num_experts", 0) or 0)
-    C = num_classes
-    c: dict[str, torch.Tensor] = {
-        "n": torch.zeros((), dtype=torch.int64),
-        "correct1": torch.zeros((), dtype=torch.int64),
-        "correct5": torch.zeros((), dtype=torch.int64),
-        "loss_sum": torch.zeros((), dtype=torch.float64),
-        "skipped": torch.zeros((), dtype=torch.int64),
-    }
-    if E:
-        c["class_expert"] = torch.zeros(C, E, dtype=torch.int64)  # all K choices
-        c["expert_n"] = torch.zeros(E, dtype=torch.int64)  # images whose first choice is e
-        c["expert_correct"] = torch.zeros(E, dtype=torch.int64)
-        c["router_correct"] = torch.zeros((), dtype=torch.int64)
-    k5 = min(5, C)
+    c = _zero_counts(num_classes, E)
+    k5 = min(5, num_classes)
     for images, targets, n_bad in loader:
         c["skipped"] += int(n_bad)
         if len(targets) == 0:
@@ -76,17 +103,7 @@ def eval_counts(
         c["correct5"] += (top == targets[:, None]).any(dim=1).sum().cpu()
         c["loss_sum"] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double().cpu()
         if E and routing is not None:
-            idx = routing.expert_idx.cpu()  # [B, K]
-            t = targets.cpu()
-            K = idx.shape[1]
-            c["class_expert"].index_put_(
-                (t.repeat_interleave(K), idx.reshape(-1)), torch.ones(1, dtype=torch.int64), accumulate=True
-            )
-            first = idx[:, 0]
-            c["expert_n"] += torch.bincount(first, minlength=E)
-            c["expert_correct"] += torch.bincount(first, weights=hit1.double(), minlength=E).long()
-            if super_of is not None:
-                c["router_correct"] += (routing.logits.argmax(dim=1).cpu() == super_of.cpu()[t]).sum()
+            _count_routing(c, routing, targets.cpu(), hit1, super_of)
     model.train(was_training)
     return c
 
@@ -113,6 +130,66 @@ def summarize_counts(c: dict[str, torch.Tensor], with_router_accuracy: bool = Fa
     return out
 
 
+class EvalSet(NamedTuple):
+    """The images an evaluation runs on."""
+
+    samples: list[Sample]
+    split: str  # val | heldout | file_list
+    source: str  # where the list came from: the val/ folder or the list file
+
+
+def _dataset_dir(ckpt: Path, meta: ModelMeta, data_dir: str | os.PathLike[str] | None) -> Path:
+    """``data_dir``, or the dataset the model was trained on (stored absolute: a moved dataset needs --data)."""
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise UserError(f"dataset directory not found: {data_dir}")
+        return Path(data_dir)
+    if not meta.train.data_dir:
+        raise UserError(f"{ckpt}: metadata train.data_dir is missing; pass --data DIR")
+    if not Path(meta.train.data_dir).is_dir():
+        raise UserError(
+            f"{ckpt}: the dataset it was trained on, {meta.train.data_dir}, is not there; pass --data DIR"
+        )
+    return Path(meta.train.data_dir)
+
+
+def _eval_set(
+    ckpt: Path, meta: ModelMeta, data_dir: Path, file_list: str | os.PathLike[str] | None, split: str
+) -> EvalSet:
+    if file_list is not None:
+        images = EvalSet(read_file_list(file_list, data_dir), "file_list", str(file_list))
+    elif split == "heldout":
+        # the model file keeps the list relative to itself: a moved or copied run reads its own heldout.txt
+        held = meta.train.heldout_list
+        if not held:
+            raise UserError(f"{ckpt}: metadata train.heldout_list is missing; pass --file-list")
+        if not Path(held).is_file():
+            raise UserError(f"{ckpt}: its held-out list {held} is missing; pass --file-list")
+        images = EvalSet(read_file_list(held, data_dir), split, held)
+    else:
+        index = scan_dataset(data_dir, num_classes=len(meta.class_names))
+        if index.class_names != meta.class_names:
+            raise UserError(f"{data_dir}: class folders differ from the class names stored in {ckpt}")
+        images = EvalSet(index.val, split, str(data_dir / "val"))
+    if not images.samples:
+        raise UserError(f"no images to evaluate in {images.source}")
+    C = len(meta.class_names)
+    bad = next((s for s in images.samples if s.target >= C), None)
+    if bad is not None:
+        raise UserError(f"{images.source}: class index {bad.target} ({bad.path}) >= number of classes {C}")
+    return images
+
+
+def _router_truth(
+    model: torch.nn.Module, meta: ModelMeta, superclasses: str | os.PathLike[str] | None
+) -> tuple[torch.Tensor | None, str | None]:
+    """(super-class of each class [C], its superclasses.json) for a MoE's router accuracy, or (None, path)."""
+    path = superclasses or meta.train.superclasses
+    if not path or not getattr(model, "is_moe", False):
+        return None, str(path) if path else None
+    return torch.tensor(read_superclass_map(path, meta.class_names).assignment), str(path)
+
+
 def evaluate(
     checkpoint: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
@@ -123,79 +200,42 @@ def evaluate(
     num_workers: int = 0,
     superclasses: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model file (or run / checkpoint directory) on ``split`` (val | heldout) or a file list."""
-    from .checkpoint import load_model, resolve_model_file
-    from .data import ImageListDataset, collate_skip_bad, scan_dataset
-    from .files.file_list import read_file_list
-    from .files.superclass_map import read_superclass_map
-
+    """Evaluate a model file (or run / checkpoint directory) on ``split`` (val | heldout) or a file list, with
+    the preprocessing stored in the model file. Returns the report, also written to ``json_out``."""
     if split not in ("val", "heldout"):
         raise UserError(f"split must be 'val' or 'heldout', got {split!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     ckpt = resolve_model_file(checkpoint)
     model, meta = load_model(ckpt)
-    C = len(meta.class_names)
-    if data_dir is None:
-        data_dir = meta.train.data_dir
-        if not data_dir:
-            raise UserError(f"{ckpt}: metadata train.data_dir is missing; pass --data DIR")
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"dataset directory not found: {data_dir}")
-    if file_list is not None:
-        samples = read_file_list(file_list, data_dir)
-        source = str(file_list)
-    elif split == "heldout":
-        held = meta.train.heldout_list
-        if not held:
-            raise UserError(f"{ckpt}: metadata train.heldout_list is missing; pass --file-list")
-        samples = read_file_list(held, data_dir)
-        source = str(held)
-    else:
-        index = scan_dataset(data_dir, num_classes=C)
-        if index.class_names != meta.class_names:
-            raise UserError(f"{data_dir}: class folders differ from the class names stored in {ckpt}")
-        samples = index.val
-        source = str(data_dir / "val")
-    if not samples:
-        raise UserError(f"no images to evaluate in {source}")
-    bad = [s for s in samples if s.target >= C]
-    if bad:
-        raise UserError(f"{source}: class index {bad[0].target} ({bad[0].path}) >= number of classes {C}")
+    data_dir = _dataset_dir(ckpt, meta, data_dir)
+    images = _eval_set(ckpt, meta, data_dir, file_list, split)
+    super_of, sc_path = _router_truth(model, meta, superclasses)
 
-    sc_path = superclasses or meta.train.superclasses
-    super_of = None
-    if sc_path and getattr(model, "is_moe", False):
-        super_of = torch.tensor(read_superclass_map(sc_path, meta.class_names).assignment)
-
-    transform = meta.preprocess.transform()
     loader = torch.utils.data.DataLoader(
-        ImageListDataset(data_dir, samples, transform),
+        ImageListDataset(data_dir, images.samples, meta.preprocess.transform()),
         batch_size=batch_size,
-        shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
     )
     # ImageNet's 50k val images want a GPU when there is one
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    counts = eval_counts(model.to(device), loader, C, super_of=super_of, device=device)
+    counts = eval_counts(model.to(device), loader, len(meta.class_names), super_of=super_of, device=device)
     if int(counts["n"]) == 0:
-        raise UserError(f"none of the {len(samples)} images in {source} could be read")
+        raise UserError(f"none of the {len(images.samples)} images in {images.source} could be read")
+
     result: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "model": meta.model,
         "is_moe": bool(getattr(model, "is_moe", False)),
         "data_dir": str(data_dir),
-        "split": "file_list" if file_list is not None else split,
-        "source": source,
+        "split": images.split,
+        "source": images.source,
         **summarize_counts(counts, with_router_accuracy=super_of is not None),
         "class_names": meta.class_names,
     }
     if result["is_moe"]:
-        result.update(
-            num_experts=model.num_experts, top_k=model.top_k, superclasses=str(sc_path) if sc_path else None
-        )
+        result.update(num_experts=model.num_experts, top_k=model.top_k, superclasses=sc_path)
     if json_out is not None:
         write_json_atomic(json_out, result)
     return result

@@ -22,9 +22,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .common import UserError
 
-__all__ = ["Preprocess", "INTERPOLATIONS", "to_rgb8"]
+__all__ = ["HIGH_BIT_MODES", "INTERPOLATIONS", "Preprocess", "to_rgb8"]
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is no image size
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -37,9 +45,9 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (isinstance(self.size, int) and self.size >= 1):
+        if not (_is_int(self.size) and self.size >= 1):
             problems.append(f"size must be an integer >= 1, got {self.size!r}")
-        elif not (isinstance(self.resize, int) and self.resize >= self.size):
+        elif not (_is_int(self.resize) and self.resize >= self.size):
             problems.append(f"resize must be an integer >= size ({self.size}), got {self.resize!r}")
         if self.interpolation not in INTERPOLATIONS:
             problems.append(
@@ -47,7 +55,7 @@ class Preprocess:
             )
         for name in ("mean", "std"):
             v = getattr(self, name)
-            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v)
             if not ok or (name == "std" and min(v) <= 0):
                 problems.append(f"{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {v!r}")
         if problems:
@@ -125,13 +133,18 @@ class Preprocess:
         )
 
 
+# PIL modes of more than 8 bits per grey pixel, whose convert("RGB") clips to white instead of scaling.
+# (PIL opens 48- and 64-bit colour PNGs as 8-bit RGB / RGBA from the high bytes: already scaled.)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
 def to_rgb8(img: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB, high bit depths scaled (PIL's convert("RGB") clips 16-bit PNGs to white)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in HIGH_BIT_MODES:
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         if img.mode == "F":
             top = 1.0 if a.max() <= 1.0 else top
         a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")  # uint8 [H, W]: mode L
     return img.convert("RGB")

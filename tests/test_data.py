@@ -1,9 +1,13 @@
+"""Dataset folders: scanning, the held-out split, file lists, loading images (unreadable ones skipped, high bit
+depths scaled), check_images, and the ``dataset`` verb."""
+
 import argparse
-import hashlib
+import io
 import json
 import random
 import shutil
-import time
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,149 +16,25 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from mobile_vmoe.cli import main
 from mobile_vmoe.common import UserError
 from mobile_vmoe.data import (
-    BIN_FILL,
-    COMPLETE_MARKER,
-    FINE_ATTRIBUTES,
     ImageListDataset,
     add_cli,
+    check_images,
     collate_skip_bad,
     heldout_split,
     load_superclass_truth,
-    make_digits,
     make_synthetic,
-    prepare_dataset,
     scan_dataset,
-    synthetic_attributes,
 )
 from mobile_vmoe.files.file_list import Sample, read_file_list, write_file_list
-
-SMALL = dict(num_superclasses=2, num_fine=3, train_per_class=6, val_per_class=2, image_size=16)
-
-
-def _digest(d: Path) -> dict[str, str]:
-    return {
-        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory.mktemp("syn") / "small", seed=0, **SMALL)
-
-
-def test_synthetic_layout_classes_and_truth(small):
-    idx = scan_dataset(small, num_classes=6)
-    assert len(idx.train) == 6 * 6 and len(idx.val) == 6 * 2
-    assert idx.class_names == sorted(idx.class_names)
-    assert idx.class_names[0].startswith("s0_f0_disk_") and idx.class_names[-1].startswith("s1_f2_square_")
-    # each super-class grades its own attribute: s0 the stripe period, s1 the stripe angle
-    fine = [n.split("_", 3)[3] for n in idx.class_names]
-    assert fine == ["period0", "period1", "period2", "angle0", "angle1", "angle2"]
-    for split in (idx.train, idx.val):
-        assert [s.target for s in split] == sorted(s.target for s in split)
-        assert {s.target for s in split} == set(range(6))
-        for s in split:
-            assert s.path.split("/")[1] == idx.class_names[s.target]
-    with Image.open(small / idx.train[0].path) as im:
-        assert im.size == (16, 16) and im.mode == "RGB"
-
-    truth = load_superclass_truth(small)
-    assert truth.class_names == idx.class_names
-    assert truth.assignment == [0, 0, 0, 1, 1, 1]
-    assert truth.assignment == [int(n.split("_")[0][1:]) for n in idx.class_names]
-    assert truth.num_superclasses == 2 and truth.sizes == [3, 3]
-    meta = json.loads((small / "dataset.json").read_text())
-    assert (meta["name"], meta["seed"], meta["num_classes"], meta["image_size"]) == ("synthetic", 0, 6, 16)
-    assert (small / COMPLETE_MARKER).is_file()
-    assert [p.name for p in small.parent.iterdir()] == ["small"]  # no temporary leftovers
-
-
-def test_synthetic_deterministic_per_seed(small, tmp_path):
-    again = make_synthetic(tmp_path / "again", seed=0, **SMALL)
-    assert _digest(again) == _digest(small)
-    other = make_synthetic(tmp_path / "other", seed=1, **SMALL)
-    a, b = _digest(small), _digest(other)
-    assert a.keys() == b.keys()  # same file list ...
-    pngs = [k for k in a if k.endswith(".png")]
-    assert all(a[k] != b[k] for k in pngs)  # ... different pixels
-
-
-def test_synthetic_super_classes_look_alike(small):
-    """Coarse property: images of one super-class share a hue far more than images of different ones."""
-    idx = scan_dataset(small)
-    mean_rgb = {}
-    for s in idx.train:
-        with Image.open(small / s.path) as im:
-            mean_rgb.setdefault(s.target, []).append(np.asarray(im, dtype=np.float64).reshape(-1, 3).mean(0))
-    sup = [np.mean([np.mean(mean_rgb[c], 0) for c in cs], 0) for cs in ((0, 1, 2), (3, 4, 5))]
-    # super-class 0 is red-ish (hue 0), super-class 1 cyan-ish (hue 0.5)
-    assert sup[0][0] > sup[0][2] and sup[1][2] > sup[1][0]
-
-
-def test_synthetic_fine_class_is_a_bin_of_the_super_class_attribute():
-    """Class (s, f) puts attribute s in the middle of bin f (a gap to the neighbouring bins); every other
-    attribute is nuisance, spread over its whole range."""
-    num_fine, n = 10, 400
-    for s in (0, 3, 9, 12):
-        own = s % len(FINE_ATTRIBUTES)
-        for f in (0, 4, 9):
-            a = synthetic_attributes(s, f, n, num_fine, np.random.default_rng([s, f]))
-            assert a.shape == (len(FINE_ATTRIBUTES), n)
-            lo, hi = (f + 0.5 - BIN_FILL / 2) / num_fine, (f + 0.5 + BIN_FILL / 2) / num_fine
-            assert a[own].min() >= lo and a[own].max() <= hi
-            others = np.delete(a, own, axis=0)
-            assert others.min() < 0.02 and others.max() > 0.98
-
-
-def test_synthetic_default_size_under_60s_extrapolated(tmp_path):
-    """Times the default 10 x 10 classes at 12 images per class and extrapolates linearly to the default
-    260 + 50 per class (a conservative bound: per-class overheads are counted 26 times over)."""
-    t = time.perf_counter()
-    make_synthetic(tmp_path / "d", train_per_class=10, val_per_class=2, seed=0)
-    per_image = (time.perf_counter() - t) / (100 * 12)
-    assert per_image * 100 * (260 + 50) < 60.0, f"{per_image * 1e3:.2f} ms per image"
-    assert len(scan_dataset(tmp_path / "d", num_classes=100).train) == 1000
-
-
-def test_synthetic_rejects_bad_sizes(tmp_path):
-    with pytest.raises(UserError, match="num_fine"):
-        make_synthetic(tmp_path / "x", num_fine=0)
-    with pytest.raises(UserError, match="num_fine"):
-        make_synthetic(tmp_path / "x", num_fine=19)
-    assert not (tmp_path / "x").exists()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return make_digits(tmp_path_factory.mktemp("dig") / "digits", image_size=16, val_fraction=0.2, seed=0)
-
-
-def test_digits_layout_and_split(digits, tmp_path):
-    idx = scan_dataset(digits, num_classes=10)
-    assert idx.class_names == [f"digit_{c}" for c in range(10)]
-    assert len(idx.train) + len(idx.val) == 1797
-    counts = np.bincount([s.target for s in idx.train + idx.val], minlength=10)
-    val_counts = np.bincount([s.target for s in idx.val], minlength=10)
-    assert val_counts.tolist() == [round(0.2 * n) for n in counts]
-    assert not {Path(s.path).name for s in idx.train} & {Path(s.path).name for s in idx.val}
-    with Image.open(digits / idx.val[0].path) as im:
-        assert im.size == (16, 16) and im.mode == "RGB"
-    assert load_superclass_truth(digits) is None
-    meta = json.loads((digits / "dataset.json").read_text())
-    assert (meta["name"], meta["num_classes"], meta["image_size"]) == ("digits", 10, 16)
-
-    other = scan_dataset(make_digits(tmp_path / "d1", image_size=16, seed=1))
-    assert {s.path for s in other.val} != {s.path for s in idx.val}
-    assert len(other.val) == len(idx.val)
-
-
-def test_digits_deterministic(digits, tmp_path):
-    again = make_digits(tmp_path / "again", image_size=16, val_fraction=0.2, seed=0)
-    assert _digest(again) == _digest(digits)
+    kw = dict(num_superclasses=2, num_fine=3, train_per_class=6, val_per_class=2, image_size=16)
+    return make_synthetic(tmp_path_factory.mktemp("syn") / "small", seed=0, **kw)
 
 
 def _samples(sizes: list[int]) -> list[Sample]:
@@ -292,41 +172,6 @@ def test_bad_images_yield_none_and_are_counted(small, tmp_path):
     assert (empty_images.numel(), empty_targets.numel(), n) == (0, 0, 2)
 
 
-def test_prepare_dataset_reuses_and_rebuilds(tmp_path):
-    kw = dict(num_superclasses=2, num_fine=2, train_per_class=3, val_per_class=1, image_size=8)
-    d = prepare_dataset("synthetic", tmp_path, seed=5, **kw)
-    assert d.name.startswith("synthetic-seed5-") and (d / COMPLETE_MARKER).is_file()  # non-default options
-    digest = _digest(d)
-    (d / "sentinel").write_text("kept if reused")
-    assert prepare_dataset("synthetic", tmp_path, seed=5, **kw) == d
-    assert (d / "sentinel").is_file()  # complete build reused, not regenerated
-
-    (d / COMPLETE_MARKER).unlink()  # as if interrupted before the marker
-    (tmp_path / f".{d.name}.x1y2.tmp" / "train").mkdir(parents=True)  # a killed build's temporary
-    (d / "train" / scan_dataset(d).class_names[0]).rename(d / "half")
-    assert prepare_dataset("synthetic", tmp_path, seed=5, **kw) == d
-    assert not (d / "sentinel").exists() and not (d / "half").exists() and _digest(d) == digest
-
-    d4 = prepare_dataset(
-        "synthetic", tmp_path, seed=5, **{**kw, "train_per_class": 4}
-    )  # other params: beside
-    assert d4 != d and len(scan_dataset(d4).train) == 4 * 4 and len(scan_dataset(d).train) == 3 * 4
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(
-        [d.name, d4.name]
-    )
-
-    assert prepare_dataset(str(d)) == d  # an existing directory is used as is
-    with pytest.raises(UserError, match="not a built-in dataset"):
-        prepare_dataset(str(tmp_path / "nope"))
-    with pytest.raises(UserError, match="unknown option"):
-        prepare_dataset("digits", tmp_path, bogus=1)
-
-
-def test_prepare_digits(tmp_path):
-    d = prepare_dataset("digits", tmp_path, seed=0, image_size=8)
-    assert d.name.startswith("digits-seed0-") and len(scan_dataset(d, num_classes=10).train) > 1000
-
-
 def test_load_superclass_truth_validates(tmp_path):
     (tmp_path / "superclasses_true.json").write_text(json.dumps({"assignment": [0, 1], "class_names": ["a"]}))
     with pytest.raises(UserError, match="superclasses_true.json"):
@@ -342,3 +187,174 @@ def test_cli(tmp_path, capsys):
     )
     assert args.func(args) == 0
     assert "4 classes, 8 train, 4 val images" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# High bit depths, palettes, alpha: what loading makes of them
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _png16(path: Path, a: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte (PIL writes no 16-bit colour PNG): grey [H, W], grey+alpha [H, W, 2],
+    RGB [H, W, 3] (48-bit) or RGBA [H, W, 4] (64-bit)."""
+    h, w = a.shape[:2]
+    channels = 1 if a.ndim == 2 else a.shape[2]
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]  # PNG: grey, grey+alpha, RGB, RGBA
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# 16-bit values that a clipping convert("RGB") turns white (anything > 255), and their 8-bit scalings
+V16 = np.array([[0, 1000, 30000], [32768, 50000, 65535]], dtype=np.uint16)
+V8 = np.round(V16 / 65535 * 255).astype(np.uint8)
+
+
+def _loaded(data_dir: Path, rel: str) -> np.ndarray:
+    """[H, W, 3] uint8, as a training / eval loader sees the image."""
+    item = ImageListDataset(data_dir, [Sample(rel, 0)], transform=pil_to_tensor)[0]
+    assert item is not None
+    assert item[0].dtype == torch.uint8 and item[0].shape[0] == 3
+    return item[0].permute(1, 2, 0).numpy()
+
+
+def test_16_bit_grey_png_is_scaled_not_white(tmp_path):
+    _png16(tmp_path / "train/a/grey16.png", V16)
+    with Image.open(tmp_path / "train/a/grey16.png") as im:
+        assert im.mode == "I;16"
+        assert (np.asarray(im.convert("RGB")) == 255).sum() > 3  # the bug: PIL's own conversion clips
+    px = _loaded(tmp_path, "train/a/grey16.png")
+    np.testing.assert_array_equal(px, np.repeat(V8[..., None], 3, axis=2))
+
+
+def test_48_and_64_bit_colour_pngs_are_scaled(tmp_path):
+    """PIL opens 16-bit colour PNGs as 8-bit RGB / RGBA read from each value's high byte: a correct scaling
+    (within 1 of v / 257), so they load as they are; grey+alpha likewise."""
+    rgb = np.stack([V16, V16[::-1], 65535 - V16], axis=2)
+    _png16(tmp_path / "train/a/rgb48.png", rgb)
+    _png16(tmp_path / "train/a/rgba64.png", np.concatenate([rgb, V16[..., None]], axis=2))
+    _png16(tmp_path / "train/a/la32.png", np.stack([V16, V16], axis=2))
+    want = np.round(rgb / 257.0)
+    for name, expected in (
+        ("rgb48", want),
+        ("rgba64", want),
+        ("la32", np.repeat(np.round(V16 / 257.0)[..., None], 3, axis=2)),
+    ):
+        px = _loaded(tmp_path, f"train/a/{name}.png").astype(int)
+        assert np.abs(px - expected).max() <= 1, name
+
+
+def test_palette_grey_alpha_and_rgba_images(tmp_path):
+    d = tmp_path / "train/a"
+    d.mkdir(parents=True)
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([200, 10, 20, 5, 250, 60])
+    pal.putpixel((1, 0), 1)
+    pal.save(d / "pal.png", transparency=0)  # palette with a transparent entry
+    Image.fromarray(np.array([[[10, 0], [200, 255]]], dtype=np.uint8), "LA").save(d / "la.png")
+    rgba = np.array([[[1, 2, 3, 0], [250, 128, 7, 255]]], dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(np.array([[0, 255]], dtype=np.uint8)).convert("1").save(d / "bilevel.png")
+    # colour values are kept, alpha dropped (as torchvision's loader)
+    np.testing.assert_array_equal(_loaded(tmp_path, "train/a/pal.png"), [[[200, 10, 20], [5, 250, 60]]])
+    np.testing.assert_array_equal(_loaded(tmp_path, "train/a/la.png"), [[[10] * 3, [200] * 3]])
+    np.testing.assert_array_equal(_loaded(tmp_path, "train/a/rgba.png"), rgba[..., :3])
+    np.testing.assert_array_equal(_loaded(tmp_path, "train/a/bilevel.png"), [[[0] * 3, [255] * 3]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# check_images and the `dataset DIR` check
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _folder(root: Path, good: int, bad: int, png: Path) -> list[Sample]:
+    """``good`` copies of png and ``bad`` unreadable files (garbage, truncated, missing in turn) in class a."""
+    samples = []
+    (root / "train/a").mkdir(parents=True, exist_ok=True)
+    raw = png.read_bytes()
+    for i in range(good):
+        shutil.copy(png, root / f"train/a/ok{i}.png")
+        samples.append(Sample(f"train/a/ok{i}.png", 0))
+    for i in range(bad):
+        p = root / f"train/a/bad{i}.png"
+        if i % 3 == 0:
+            p.write_bytes(b"not an image" * 20)
+        elif i % 3 == 1:
+            p.write_bytes(raw[: len(raw) // 2])
+        samples.append(Sample(p.relative_to(root).as_posix(), 0))
+    return samples
+
+
+def test_check_images_refuses_a_dataset_of_unreadable_images(small, tmp_path):
+    """Training on such a dataset used to finish 'successfully' with untrained weights."""
+    png = small / scan_dataset(small).train[0].path
+    samples = _folder(tmp_path, good=0, bad=3, png=png)
+    with pytest.raises(UserError) as e:
+        check_images(tmp_path, samples)
+    msg = str(e.value)
+    assert "3 of 3 images" in msg and "(100.0 %)" in msg and "max_bad_fraction=0.01" in msg
+    assert "train/a/bad0.png (not an image PIL can identify)" in msg
+    assert "train/a/bad1.png (OSError" in msg and "train/a/bad2.png (missing)" in msg
+
+
+def test_check_images_tolerates_a_few_and_names_the_first(small, tmp_path, caplog):
+    png = small / scan_dataset(small).train[0].path
+    samples = _folder(tmp_path, good=3, bad=1, png=png)
+    assert check_images(tmp_path, samples, max_bad_fraction=0.25) == [Sample("train/a/bad0.png", 0)]
+    assert "1 of 4 images" in caplog.text and "skipped" in caplog.text
+    with pytest.raises(UserError, match=r"1 of 4 images .*\(25.0 %\)"):
+        check_images(tmp_path, samples, max_bad_fraction=0.2)
+    assert check_images(tmp_path, samples[:3]) == []
+
+    many = _folder(tmp_path / "many", good=1, bad=7, png=png)
+    with pytest.raises(UserError, match=r"bad4.png \(.*\) and 2 more; that is more than max_bad_fraction"):
+        check_images(tmp_path / "many", many)
+    with pytest.raises(UserError, match=r"max_bad_fraction must be in \[0, 1\], got 1.5"):
+        check_images(tmp_path, samples, max_bad_fraction=1.5)
+
+
+def test_check_images_finds_a_truncated_jpeg(tmp_path):
+    """JPEGs are decoded at reduced scale for speed; a truncated one is still caught, as the loader fails on it."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "train/a").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    (tmp_path / "train/a/whole.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "train/a/cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    samples = [Sample("train/a/whole.jpg", 0), Sample("train/a/cut.jpg", 0)]
+    assert check_images(tmp_path, samples, max_bad_fraction=0.5) == [samples[1]]
+    ds = ImageListDataset(tmp_path, samples)
+    assert ds[0] is not None and ds[1] is None
+
+
+def test_dataset_verb_checks_a_folder(small, tmp_path, capsys):
+    png = small / scan_dataset(small).train[0].path
+    d = tmp_path / "ds"
+    _folder(d, good=3, bad=1, png=png)
+    _png16(d / "train/b/grey16.png", V16)
+    _png16(d / "train/b/rgb48.png", np.stack([V16] * 3, axis=2))
+    shutil.copy(png, d / "train/b/plain.png")
+    assert main(["dataset", str(d), "--max-bad-fraction", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes, 7 train, 0 val images" in out and "checked 7 images: 6 readable" in out
+    assert "1 of 7 images" in out and "train/a/bad0.png (not an image PIL can identify)" in out
+    assert "2 images have more than 8 bits per channel" in out
+    assert "train/b/grey16.png" in out and "train/b/rgb48.png" in out and "plain.png" not in out
+
+    assert main(["dataset", str(d)]) == 2  # default 0.01
+    err = capsys.readouterr().err
+    assert err.startswith("mobile-vmoe dataset: error: 1 of 7 images under") and "train/a/bad0.png" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["dataset", str(d), "--max-bad-fraction", "2"]) == 2
+    assert "max_bad_fraction must be in [0, 1]" in capsys.readouterr().err
