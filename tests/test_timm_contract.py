@@ -15,13 +15,16 @@ from timm.optim import create_optimizer_v2, param_groups_layer_decay
 
 import mobile_vmoe.models  # noqa: F401  (registers the models)
 from mobile_vmoe.checkpoint import ModelMeta, save_model
+from mobile_vmoe.preprocess import Preprocess
 
-# One dense and one MoE model per resolution family; a new family adds its names here.
+# One dense, one per-image and one per-token MoE model per resolution; a new family adds its names here.
 MODELS = [
     "mobile_vit_nano_patch8_32",
     "mobile_vmoe_nano_patch8_32",
     "mobile_vit_nano_patch16_224",
     "mobile_vmoe_nano_patch16_224",
+    "mobile_vmoe_token_nano_patch8_32",
+    "mobile_vmoe_token_nano_patch16_224",
 ]
 SMALL = [n for n in MODELS if n.endswith("_32")]  # for the tests whose cost grows with the tokens
 ALL = sorted(timm.list_models("mobile_v*"))
@@ -207,6 +210,7 @@ def _saved_bytes(fn) -> int:
         total += t.numel() * t.element_size()
         return t
 
+    torch.manual_seed(0)  # the same router noise in every run (per-token models train with noisy routing)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     out.sum().backward()
@@ -267,7 +271,9 @@ def test_pretrained_from_local_file(name, tmp_path):
     plain = tmp_path / "weights.safetensors"
     save_file(state, str(plain))
     kw = MOE_KW if "vmoe" in name else {}
-    model_file = save_model(tmp_path / "model.safetensors", src, ModelMeta(name, kw, []))
+    model_file = save_model(
+        tmp_path / "model.safetensors", src, ModelMeta(name, kw, [], Preprocess.for_model(src))
+    )
     x = _x(src)
     for path in (plain, model_file):
         m = _create(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()

@@ -3,7 +3,9 @@
 from .init_from import init_from
 from .moe import ExpertMlp, MoEBlock, Router, Routing, choose_experts, expert_load, load_balancing_loss
 from .profile import ModelProfile, count_flops, count_params, profile_model
+from .token_moe import TokenExpertMlp, TokenMoEMlp, TokenRouter, TokenRouting, routing_stats
 from .vit import VARIANTS, MobileVMoE, checkpoint_filter_fn, remap_state_dict, upcycle_dense_state_dict
+from .vmoe import TOKEN_VARIANTS, TokenVMoE
 
 __all__ = [
     "ExpertMlp",
@@ -12,6 +14,12 @@ __all__ = [
     "ModelProfile",
     "Router",
     "Routing",
+    "TOKEN_VARIANTS",
+    "TokenExpertMlp",
+    "TokenMoEMlp",
+    "TokenRouter",
+    "TokenRouting",
+    "TokenVMoE",
     "VARIANTS",
     "checkpoint_filter_fn",
     "choose_experts",
@@ -22,5 +30,6 @@ __all__ = [
     "load_balancing_loss",
     "profile_model",
     "remap_state_dict",
+    "routing_stats",
     "upcycle_dense_state_dict",
 ]

@@ -22,7 +22,8 @@ class ModelProfile:
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total, active per image)."""
     total = sum(p.numel() for p in model.parameters())
-    top_k = getattr(model, "top_k", 0) or 0
+    # per-image routing runs K experts per image; per-token routing reaches every expert its tokens pick
+    top_k = getattr(model, "active_experts_per_image", None) or getattr(model, "top_k", 0) or 0
     inactive = 0
     for m in model.modules():
         if isinstance(m, ExpertMlp):

@@ -95,6 +95,11 @@ class MobileVMoE(VisionTransformer):
     def is_moe(self) -> bool:
         return self.router is not None
 
+    @property
+    def moe_routing(self) -> str | None:
+        """ "image" (one router per image) for a MoE, None for a dense model; V-MoE models say "token"."""
+        return "image" if self.router is not None else None
+
     @torch.jit.ignore
     def block_names(self) -> list[str]:
         """Module name of every block, in the order they run: the dense blocks, then the MoE blocks."""

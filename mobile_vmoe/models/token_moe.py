@@ -1,0 +1,262 @@
+"""Per-token sparse Mixture-of-Experts layers: V-MoE (Riquelme et al. 2021, "Scaling Vision with Sparse
+Mixture of Experts"). Shape letters are those of ``moe.py``, plus the routing letters defined there:
+G groups of tokens routed together, N tokens per group, P buffer slots per expert.
+
+Every token picks its top K of E experts with a noisy softmax router. Tokens are routed in groups (the tokens
+of a few images), and each expert has a fixed buffer of P = ceil(K * N * capacity_ratio / E) slots per group:
+a choice past a full buffer is dropped, and the token passes through the block's residual only. All first
+choices are placed before any second choice; Batch Priority Routing (BPR) also orders the tokens by their top
+gate, so that an important token is never dropped for an unimportant one.
+
+Static shapes throughout: tokens are scattered into [E, P, D] buffers and gathered back, with no data-dependent
+Python control flow, so torch.export keeps the whole block.
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_module
+from torch import nn
+
+from .moe import ExpertMlp
+
+
+class TokenRouting(NamedTuple):
+    """One MoE block's routing of a batch, with what training and the analysis read from it."""
+
+    logits: torch.Tensor  # [G, N, E] router logits before the noise
+    probs: torch.Tensor  # [G, N, E] softmax of the logits the choice was made on (noisy in training)
+    expert_idx: torch.Tensor  # [G, N, K] chosen experts, int64
+    gates: torch.Tensor  # [G, N, K] weight of each choice: probs at the chosen experts
+    slot: torch.Tensor  # [G, N, K] buffer slot e * P + p of each choice; E * P when the choice was dropped
+    importance_loss: torch.Tensor  # scalar, V-MoE's importance loss (mean over groups)
+    load_loss: torch.Tensor  # scalar, V-MoE's load loss (0 without router noise)
+    capacity: int  # P, buffer slots per expert and group
+
+
+def expert_capacity(num_tokens: int, top_k: int, capacity_ratio: float, num_experts: int) -> int:
+    """P = ceil(K * N * ratio / E), at least 1 and at most N (a token picks an expert at most once)."""
+    return max(1, min(num_tokens, math.ceil(top_k * num_tokens * capacity_ratio / num_experts)))
+
+
+def _cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation over the last axis, averaged over the others."""
+    x = x.float()
+    return (x.var(dim=-1, unbiased=False) / (x.mean(dim=-1) ** 2 + 1e-10)).mean()
+
+
+def buffer_slots(
+    expert_idx: torch.Tensor, gates: torch.Tensor, num_experts: int, capacity: int, bpr: bool
+) -> torch.Tensor:
+    """Place every choice in its expert's buffer: expert_idx, gates [G, N, K] -> slot [G, N, K].
+
+    Choices are ranked K-major (all first choices, then all second choices); within a rank, in token order, or
+    with ``bpr`` by descending top gate. A choice's position is the count of earlier choices of its expert;
+    positions >= ``capacity`` are dropped (slot E * P).
+    """
+    G, N, K = expert_idx.shape
+    E, P = num_experts, capacity
+    idx = expert_idx
+    order = torch.arange(N, device=idx.device).expand(G, N)  # vanilla: token order
+    if bpr:
+        order = torch.argsort(gates[..., 0], dim=1, descending=True)  # [G, N], most confident first
+        idx = idx.gather(1, order.unsqueeze(-1).expand(G, N, K))
+    onehot = F.one_hot(idx, E).transpose(1, 2).reshape(G, K * N, E)  # K-major
+    pos = ((onehot.cumsum(dim=1) - 1) * onehot).sum(dim=-1).reshape(G, K, N).transpose(1, 2)  # [G, N, K]
+    if bpr:  # back to token order: pos_in_token_order[order[i]] = pos[i]
+        pos = torch.zeros_like(pos).scatter(1, order.unsqueeze(-1).expand(G, N, K), pos)
+    return torch.where(pos < P, expert_idx * P + pos, torch.full_like(pos, E * P))
+
+
+@register_notrace_module
+class TokenRouter(nn.Module):
+    """Noisy top-K router: a bias-free linear map of each token to E logits (V-MoE's ``NoisyTopExpertsPerItem``).
+
+    In training, Gaussian noise of std ``noise_std / E`` is added to the logits before the softmax; the load
+    loss is the squared coefficient of variation of P(expert in a token's top K under that noise).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        noise_std: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.noise_std = noise_std
+        self.proj = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, capacity: int, bpr: bool) -> TokenRouting:
+        """x: [G, N, D] -> the routing of its G * N tokens into [E, capacity] buffers."""
+        E, K = self.num_experts, self.top_k
+        logits = self.proj(x).float()  # [G, N, E]; float: softmax and the normal CDF want the precision
+        std = self.noise_std / E
+        noisy = logits + torch.randn_like(logits) * std if self.training and std > 0 else logits
+        probs = noisy.softmax(dim=-1)
+        gates, idx = probs.topk(K, dim=-1)  # [G, N, K]
+        slot = buffer_slots(idx, gates, E, capacity, bpr)
+        importance = _cv_squared(probs.sum(dim=1))  # [G, E] summed gates per expert
+        if self.training and std > 0:
+            threshold = noisy.topk(K, dim=-1)[0][..., -1:]  # [G, N, 1] the K-th largest noisy logit
+            p_in_top_k = 0.5 * torch.erfc((threshold - logits) / (std * math.sqrt(2.0)))  # 1 - Phi(z)
+            load = _cv_squared(p_in_top_k.mean(dim=1))
+        else:
+            load = logits.new_zeros(())
+        return TokenRouting(logits, probs, idx, gates.to(x.dtype), slot, importance, load, capacity)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
+
+
+@register_notrace_module
+class TokenExpertMlp(ExpertMlp):
+    """E expert MLPs (stacked ``[E, D, H]`` weights, as ``ExpertMlp``) applied to fixed per-expert buffers."""
+
+    def forward(self, x: torch.Tensor, routing: TokenRouting) -> torch.Tensor:  # type: ignore[override]
+        """x: [G, N, D] -> [G, N, D] = sum_k gates[..., k] * expert_{idx[..., k]}(token), 0 for dropped choices."""
+        G, N, D = x.shape
+        K = routing.slot.shape[-1]
+        E, P = self.num_experts, routing.capacity
+        EP = E * P
+        slot = routing.slot.reshape(G, N * K, 1).expand(G, N * K, D)
+        src = x.unsqueeze(2).expand(G, N, K, D).reshape(G, N * K, D)
+        # Slot E * P collects the dropped choices and is never read back.
+        buf = x.new_zeros(G, EP + 1, D).scatter(1, slot, src)
+        buf = buf[:, :EP].reshape(G, E, P, D).transpose(0, 1).reshape(E, G * P, D)
+        y = self.experts(buf)  # [E, G * P, D]
+        y = y.reshape(E, G, P, D).transpose(0, 1).reshape(G, EP, D)
+        y = torch.cat([y, y.new_zeros(G, 1, D)], dim=1)
+        out = y.gather(1, slot).reshape(G, N, K, D)
+        return (out * routing.gates.unsqueeze(-1)).sum(dim=2)
+
+    def experts(self, buf: torch.Tensor) -> torch.Tensor:
+        """[E, M, D] -> [E, M, D]: expert e's MLP on its M buffer rows (export swaps in per-expert linears)."""
+        h = self.drop(self.act(torch.baddbmm(self.fc1_bias.unsqueeze(1), buf, self.fc1_weight)))
+        return self.drop(torch.baddbmm(self.fc2_bias.unsqueeze(1), h, self.fc2_weight))
+
+
+def group_images(batch: int, group_size: int) -> int:
+    """Images per routing group: the largest divisor of the batch up to group_size (shapes stay static)."""
+    g = min(group_size, batch)
+    while batch % g:
+        g -= 1
+    return g
+
+
+# Under a plain FX trace the batch size is a proxy: these run when the graph runs, not when it is traced.
+torch.fx.wrap("group_images")
+torch.fx.wrap("expert_capacity")
+
+
+class TokenMoEMlp(nn.Module):
+    """The MLP of a V-MoE block: groups the tokens, routes them (``TokenRouter``) and runs the experts
+    (``TokenExpertMlp``). It takes a timm ``Block``'s ``mlp`` slot, so the block stays a plain timm block.
+
+    Capacity ratio and BPR have a training and an inference value; ``set_routing`` changes the inference ones
+    without retraining. The last routing is kept in ``last_routing`` for the training losses and the routing
+    statistics (a timm block returns only tokens).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        capacity_ratio: float = 1.05,
+        eval_capacity_ratio: float = 1.05,
+        bpr: bool = False,
+        eval_bpr: bool = True,
+        noise_std: float = 1.0,
+        group_size: int = 8,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        for name, v in (("capacity_ratio", capacity_ratio), ("eval_capacity_ratio", eval_capacity_ratio)):
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        self.router = TokenRouter(dim, num_experts, top_k, noise_std, device=device, dtype=dtype)
+        nn.init.trunc_normal_(self.router.proj.weight, std=0.02)
+        self.experts = TokenExpertMlp(
+            dim, hidden_dim, num_experts, act_layer=act_layer, drop=drop, device=device, dtype=dtype
+        )
+        self.num_experts = num_experts
+        self.group_size = group_size
+        self.capacity_ratio = capacity_ratio
+        self.eval_capacity_ratio = eval_capacity_ratio
+        self.bpr = bpr
+        self.eval_bpr = eval_bpr
+        self.last_routing: TokenRouting | None = None
+
+    @classmethod
+    def from_block_mlp(cls, mlp: nn.Module, num_experts: int, **kwargs: Any) -> "TokenMoEMlp":
+        """Replace a timm ``Mlp``: same widths, activation, dropout, device and dtype."""
+        fc1 = mlp.fc1
+        return cls(
+            fc1.in_features,
+            fc1.out_features,
+            num_experts,
+            act_layer=type(mlp.act),
+            drop=mlp.drop1.p if isinstance(mlp.drop1, nn.Dropout) else 0.0,
+            device=fc1.weight.device,
+            dtype=fc1.weight.dtype,
+            **kwargs,
+        )
+
+    def set_routing(
+        self, capacity_ratio: float | None = None, bpr: bool | None = None, top_k: int | None = None
+    ) -> None:
+        """Inference-time routing: capacity ratio, BPR on/off, K (no retraining)."""
+        if capacity_ratio is not None:
+            if not capacity_ratio > 0:
+                raise ValueError(f"capacity_ratio must be > 0, got {capacity_ratio}")
+            self.eval_capacity_ratio = float(capacity_ratio)
+        if bpr is not None:
+            self.eval_bpr = bool(bpr)
+        if top_k is not None:
+            if not 1 <= top_k <= self.num_experts:
+                raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
+            self.router.top_k = int(top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; the tokens of ``group_size`` images are routed together."""
+        B, T, D = x.shape
+        g = group_images(B, self.group_size)
+        y = x.reshape(B // g, g * T, D)  # [G, N, D]
+        ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
+        bpr = self.bpr if self.training else self.eval_bpr
+        routing = self.router(y, expert_capacity(g * T, self.router.top_k, ratio, self.num_experts), bpr)
+        if not torch.jit.is_scripting():
+            self.last_routing = routing
+        return self.experts(y, routing).reshape(B, T, D)
+
+    def extra_repr(self) -> str:
+        return (
+            f"group_size={self.group_size}, capacity_ratio={self.capacity_ratio}/{self.eval_capacity_ratio} "
+            f"(train/eval), bpr={self.bpr}/{self.eval_bpr}"
+        )
+
+
+def routing_stats(routing: TokenRouting, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(choices each expert processed [E], fraction of choices dropped) for one block's routing."""
+    E, P = num_experts, routing.capacity
+    slot = routing.slot.reshape(-1)
+    kept = slot < E * P
+    load = torch.bincount(torch.div(slot[kept], P, rounding_mode="floor"), minlength=E)
+    return load, 1.0 - kept.float().mean()

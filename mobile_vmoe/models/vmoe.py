@@ -1,0 +1,176 @@
+"""V-MoE ViTs (per-token routing), registered with timm next to the dense and per-image families.
+
+``TokenVMoE`` is a timm ``VisionTransformer`` whose MoE blocks (the last n, or every n-th) route every token
+(``token_moe.TokenMoEMlp`` in a timm ``Block``'s MLP slot). Each MoE block carries its own router, so the blocks
+stay plain timm blocks in one ``nn.Sequential``, and timm's block-wise APIs (intermediates, grad checkpointing,
+layer groups, features) apply unchanged.
+
+    model = timm.create_model("mobile_vmoe_token_tiny_patch16_224", num_experts=10, top_k=1, capacity_ratio=1.05)
+    model.set_routing(capacity_ratio=0.5, bpr=True)  # inference capacity, without retraining
+"""
+
+from typing import Any
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from .token_moe import TokenMoEMlp, TokenRouting
+from .vit import MODEL_SIZES, RESOLUTIONS, SMALL_IMAGE_SIZES, _cfg
+
+__all__ = ["TokenVMoE", "TOKEN_VARIANTS", "moe_block_indices"]
+
+PLACEMENTS = ("last", "every")
+
+
+def moe_block_indices(depth: int, num_moe_layers: int, placement: str) -> list[int]:
+    """Which blocks are MoE: the last n ("last"), or every n-th counting back from the last ("every")."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"moe_placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement == "last":
+        if not 1 <= num_moe_layers <= depth:
+            raise ValueError(f"num_moe_layers must be in [1, depth={depth}], got {num_moe_layers}")
+        return list(range(depth - num_moe_layers, depth))
+    if not 1 <= num_moe_layers <= depth:
+        raise ValueError(f"with moe_placement='every', num_moe_layers is the stride, in [1, {depth}]")
+    return [i for i in range(depth) if (depth - 1 - i) % num_moe_layers == 0]
+
+
+class TokenVMoE(VisionTransformer):
+    """Pre-norm ViT with per-token sparse MoE blocks (V-MoE).
+
+    Args (beyond timm's VisionTransformer):
+        num_experts: E experts per MoE block.
+        top_k: K experts per token (V-MoE: 1 or 2).
+        num_moe_layers, moe_placement: the last n blocks ("last", V-MoE's "last 2"), or every n-th block
+            ("every", V-MoE's "every 2").
+        capacity_ratio / eval_capacity_ratio: buffer size in training / inference (V-MoE trains at 1.05).
+        bpr / eval_bpr: Batch Priority Routing in training / inference (V-MoE: off / on).
+        noise_std: router noise in training is noise_std / E (V-MoE: 1.0).
+        group_size: images whose tokens are routed together (V-MoE: 8).
+    """
+
+    moe_routing = "token"
+
+    def __init__(
+        self,
+        *,
+        num_experts: int = 10,
+        top_k: int = 1,
+        num_moe_layers: int = 2,
+        moe_placement: str = "last",
+        capacity_ratio: float = 1.05,
+        eval_capacity_ratio: float = 1.05,
+        bpr: bool = False,
+        eval_bpr: bool = True,
+        noise_std: float = 1.0,
+        group_size: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.moe_indices = moe_block_indices(len(self.blocks), num_moe_layers, moe_placement)
+        for i in self.moe_indices:
+            blk = self.blocks[i]
+            blk.mlp = TokenMoEMlp.from_block_mlp(
+                blk.mlp,
+                num_experts,
+                top_k=top_k,
+                capacity_ratio=capacity_ratio,
+                eval_capacity_ratio=eval_capacity_ratio,
+                bpr=bpr,
+                eval_bpr=eval_bpr,
+                noise_std=noise_std,
+                group_size=group_size,
+            )
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.num_moe_layers = len(self.moe_indices)
+        # every expert an image's tokens can reach: all E as soon as T * K >= E (count_params reads this)
+        self.active_experts_per_image = min(
+            num_experts, (self.patch_embed.num_patches + self.num_prefix_tokens) * top_k
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return True
+
+    @torch.jit.ignore
+    def moe_mlps(self) -> list[TokenMoEMlp]:
+        """The MoE layers, in block order."""
+        return [self.blocks[i].mlp for i in self.moe_indices]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # Expert biases are stacked [E, H] tensors, so timm's "ndim <= 1 or *.bias" rule does not catch them.
+        names = set(super().no_weight_decay())
+        names.update(n for n, _ in self.named_parameters() if n.endswith(("fc1_bias", "fc2_bias")))
+        return names
+
+    @torch.jit.ignore
+    def set_routing(
+        self, capacity_ratio: float | None = None, bpr: bool | None = None, top_k: int | None = None
+    ) -> None:
+        """Inference-time capacity ratio, BPR and K for every MoE block (no retraining)."""
+        for mlp in self.moe_mlps():
+            mlp.set_routing(capacity_ratio, bpr, top_k)
+        if top_k is not None:
+            self.top_k = int(top_k)
+
+    @torch.jit.ignore
+    def forward_with_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, list[TokenRouting]]:
+        """(class logits [B, C], each MoE block's routing, in block order)."""
+        logits = self.forward(x)
+        return logits, [mlp.last_routing for mlp in self.moe_mlps()]
+
+
+def _variants() -> dict[str, tuple[str, str]]:
+    out = {}
+    for res in RESOLUTIONS:
+        for size in MODEL_SIZES:
+            if res == "patch16_224" or size in SMALL_IMAGE_SIZES:
+                out[f"mobile_vmoe_token_{size}_{res}"] = (size, res)
+    return out
+
+
+TOKEN_VARIANTS = _variants()
+default_cfgs = generate_default_cfgs(
+    {name: _cfg(RESOLUTIONS[res][0], RESOLUTIONS[res][2]) for name, (_, res) in TOKEN_VARIANTS.items()}
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenVMoE:
+    size, res = TOKEN_VARIANTS[variant]
+    dim, heads = MODEL_SIZES[size]
+    img_size, patch, num_classes = RESOLUTIONS[res]
+    args: dict[str, Any] = dict(
+        img_size=img_size, patch_size=patch, embed_dim=dim, depth=12, num_heads=heads, num_classes=num_classes
+    )
+    args.update(kwargs)
+    out_indices = args.pop("out_indices", 3)
+    return build_model_with_cfg(
+        TokenVMoE,
+        variant,
+        pretrained,
+        pretrained_filter_fn=vit_checkpoint_filter_fn,
+        pretrained_strict=args.pop("pretrained_strict", True),
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **args,
+    )
+
+
+def _register(name: str) -> None:
+    def fn(pretrained: bool = False, **kwargs: Any) -> TokenVMoE:
+        return _create(name, pretrained=pretrained, **kwargs)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__doc__ = f"{name}: V-MoE (per-token routing), see TokenVMoE."
+    register_model(fn)
+    globals()[name] = fn
+
+
+for _name in TOKEN_VARIANTS:
+    _register(_name)
