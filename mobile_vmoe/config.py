@@ -101,6 +101,8 @@ class AugConfig:
 class MoEConfig:
     router_loss_weight: float = 0.3  # the paper: L = L_cls + 0.3 * CE(router logits, super-class)
     balance_loss_weight: float = 0.01  # V-MoE importance loss, used only without a super-class map
+    importance_loss_weight: float = 0.005  # per-token V-MoE: V-MoE's configs, summed over MoE blocks
+    load_loss_weight: float = 0.005  # per-token V-MoE: V-MoE's configs, summed over MoE blocks
     superclasses: str | None = (
         None  # superclasses.json (assignment: super-class of each class); --superclasses
     )

@@ -24,6 +24,7 @@ from .data import ImageListDataset, collate_skip_bad, scan_dataset
 from .files.file_list import Sample, read_file_list
 from .files.superclass_map import read_superclass_map
 from .models.moe import Routing
+from .models.token_moe import TokenRouting
 
 __all__ = ["evaluate", "eval_counts", "summarize_counts"]
 
@@ -34,7 +35,8 @@ def routed_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.
     return fwr(images) if fwr is not None else (model(images), None)
 
 
-def _zero_counts(C: int, E: int) -> dict[str, torch.Tensor]:
+def _zero_counts(C: int, E: int, L_token: int = 0) -> dict[str, torch.Tensor]:
+    """Zeroed sums; ``L_token`` > 0: a per-token model with that many MoE blocks."""
     c = {
         "n": torch.zeros((), dtype=torch.int64),
         "correct1": torch.zeros((), dtype=torch.int64),
@@ -42,7 +44,15 @@ def _zero_counts(C: int, E: int) -> dict[str, torch.Tensor]:
         "loss_sum": torch.zeros((), dtype=torch.float64),
         "skipped": torch.zeros((), dtype=torch.int64),
     }
-    if E:
+    if L_token:
+        c["block_expert"] = torch.zeros(L_token, E, dtype=torch.int64)  # choices each expert processed
+        c["block_dropped"] = torch.zeros(L_token, dtype=torch.int64)  # choices past a full buffer
+        c["block_choices"] = torch.zeros(L_token, dtype=torch.int64)
+        c["block_class_weight"] = torch.zeros(
+            L_token, C, E, dtype=torch.float64
+        )  # summed mean routing weight
+        c["class_n"] = torch.zeros(C, dtype=torch.int64)
+    elif E:
         c["class_expert"] = torch.zeros(C, E, dtype=torch.int64)  # all K choices
         c["expert_n"] = torch.zeros(E, dtype=torch.int64)  # images whose first choice is e
         c["expert_correct"] = torch.zeros(E, dtype=torch.int64)
@@ -71,6 +81,25 @@ def _count_routing(
         c["router_correct"] += (routing.logits.argmax(dim=1).cpu() == super_of.cpu()[targets]).sum()
 
 
+def _count_token_routing(
+    c: dict[str, torch.Tensor], routing: list[TokenRouting], targets: torch.Tensor
+) -> None:
+    """Add one batch of a per-token model: per block, expert load, drops and each class's routing weights."""
+    B = targets.numel()
+    c["class_n"] += torch.bincount(targets, minlength=c["class_n"].numel())
+    for i, r in enumerate(routing):
+        E, P = r.probs.shape[-1], r.capacity
+        slot = r.slot.reshape(-1).cpu()
+        kept = slot < E * P
+        c["block_expert"][i] += torch.bincount(torch.div(slot[kept], P, rounding_mode="floor"), minlength=E)
+        c["block_dropped"][i] += int((~kept).sum())
+        c["block_choices"][i] += slot.numel()
+        per_image = (
+            r.probs.reshape(B, -1, E).mean(dim=1).double().cpu()
+        )  # [B, E] mean over the image's tokens
+        c["block_class_weight"][i].index_add_(0, targets, per_image)
+
+
 @torch.no_grad()
 def eval_counts(
     model: torch.nn.Module,
@@ -86,7 +115,8 @@ def eval_counts(
     was_training = model.training
     model.eval()
     E = int(getattr(model, "num_experts", 0) or 0)
-    c = _zero_counts(num_classes, E)
+    token = getattr(model, "moe_routing", None) == "token"
+    c = _zero_counts(num_classes, E, int(model.num_moe_layers) if token else 0)
     k5 = min(5, num_classes)
     for images, targets, n_bad in loader:
         c["skipped"] += int(n_bad)
@@ -102,7 +132,9 @@ def eval_counts(
         c["correct1"] += hit1.sum()
         c["correct5"] += (top == targets[:, None]).any(dim=1).sum().cpu()
         c["loss_sum"] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double().cpu()
-        if E and routing is not None:
+        if token:
+            _count_token_routing(c, routing, targets.cpu())
+        elif E and routing is not None:
             _count_routing(c, routing, targets.cpu(), hit1, super_of)
     model.train(was_training)
     return c
@@ -118,6 +150,11 @@ def summarize_counts(c: dict[str, torch.Tensor], with_router_accuracy: bool = Fa
         "top5": float(c["correct5"]) / max(n, 1),
         "loss": float(c["loss_sum"]) / max(n, 1),
     }
+    if "block_expert" in c:  # per-token: per MoE block
+        out["expert_load"] = c["block_expert"].tolist()  # [L][E]
+        out["dropped_fraction"] = (c["block_dropped"].double() / c["block_choices"].clamp(min=1)).tolist()
+        n_c = c["class_n"].clamp(min=1).double().reshape(1, -1, 1)
+        out["class_expert_weight"] = (c["block_class_weight"] / n_c).tolist()  # [L][C][E] mean routing weight
     if "class_expert" in c:
         en = c["expert_n"]
         out["expert_load"] = c["class_expert"].sum(dim=0).tolist()

@@ -148,7 +148,8 @@ def train(cfg: Config) -> Path:
         model.to(env.device)
         loaders = build_loaders(cfg, data, meta.preprocess, env)
         objective = Objective(data.num_classes, E, assignment, cfg.moe.router_loss_weight,
-                              cfg.moe.balance_loss_weight, cfg.aug.label_smoothing).to(env.device)  # fmt: skip
+                              cfg.moe.balance_loss_weight, cfg.aug.label_smoothing,
+                              cfg.moe.importance_loss_weight, cfg.moe.load_loss_weight).to(env.device)  # fmt: skip
         recipe = build_recipe(cfg, model, data, env)
         step, resumed_sums = _resume(run, model, recipe, data, env) if cfg.resume else (0, None)
         fwd = wrap_model(model, cfg, env)  # RoutedForward, DDP, torch.compile

@@ -49,6 +49,11 @@ class EpochSums:
         for k, v in (state or {}).items():
             if k in self.t and v.shape == self.t[k].shape:
                 self.t[k] = v.to(self.t[k].dtype).clone()
+            elif k in self._PER_BLOCK:  # per-token models: [L, E] loads, [L] drops
+                self.t[k] = v.clone()
+
+    # Per-block sums of a per-token model, shaped by the first step (L MoE blocks).
+    _PER_BLOCK = ("expert_load", "dropped")
 
     def add(self, parts: dict[str, torch.Tensor], n_images: int) -> None:
         self.t["steps"] += 1
@@ -56,8 +61,12 @@ class EpochSums:
         self.t["loss"] += parts["loss"].double().cpu()
         if "router_correct" in parts:
             self.t["router_correct"] += parts["router_correct"].cpu()
-        if "expert_load" in self.t:
-            self.t["expert_load"] += parts["expert_load"].cpu()
+        for k in self._PER_BLOCK:
+            if k in parts:
+                v = parts[k].cpu()
+                if k not in self.t or self.t[k].shape != v.shape:
+                    self.t[k] = torch.zeros_like(v)
+                self.t[k] += v
 
     def skip(self, n_bad: int) -> None:
         self.t["skipped"] += n_bad
@@ -85,6 +94,8 @@ class EpochSums:
         rec: dict[str, Any] = {"kind": "epoch", "step": step, "epoch": step / steps_per_epoch}
         rec["train_loss"] = float(t["loss"]) / max(int(t["steps"]), 1)
         rec["train_skipped"] = int(t["skipped"])
+        if "dropped" in t:  # per-token: mean fraction of choices dropped, per MoE block
+            rec["train_dropped"] = (t["dropped"] / max(int(t["steps"]), 1)).tolist()
         if "expert_load" in t:
             rec["train_expert_load"] = t["expert_load"].tolist()
             if with_router:
@@ -104,7 +115,7 @@ class Window:
 
     def add(self, parts: dict[str, torch.Tensor], n_images: int) -> None:
         for k, v in parts.items():
-            if v.ndim == 0 and k != "router_correct":
+            if v.ndim == 0 and k != "router_correct":  # scalars; per-block tensors go to the epoch record
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
         if "router_correct" in parts:
             self.sums["router_acc"] = (

@@ -1,7 +1,8 @@
 """Training objective of the dense ViT and the Mobile V-MoE: classification loss plus the router's loss.
 
-The router learns either the super-class of each image (with a super-class map, the Mobile V-MoE paper) or,
-without a map, only to spread images over the experts (V-MoE's importance loss, ``load_balancing_loss``).
+The per-image router learns either the super-class of each image (with a super-class map, the Mobile V-MoE
+paper) or, without a map, only to spread images over the experts (V-MoE's importance loss,
+``load_balancing_loss``). A per-token V-MoE adds its routers' importance and load losses, summed over blocks.
 Shape letters as in ``moe.py``; S is the number of super-classes (S == E when the router learns them).
 """
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe import Routing, expert_load, load_balancing_loss
+from .token_moe import TokenRouting, routing_stats
 
 __all__ = ["Objective", "soft_cross_entropy", "superclass_router_loss", "load_balancing_loss"]
 
@@ -51,9 +53,12 @@ class Objective:
         router_loss_weight: float = 0.3,
         balance_loss_weight: float = 0.01,
         label_smoothing: float = 0.0,
+        importance_loss_weight: float = 0.005,
+        load_loss_weight: float = 0.005,
     ) -> None:
         self.C, self.E = num_classes, num_experts
         self.router_w, self.balance_w = router_loss_weight, balance_loss_weight
+        self.importance_w, self.load_w = importance_loss_weight, load_loss_weight
         self.label_smoothing = label_smoothing
         # [C]: super-class of each class, or None (no map)
         self.super_of = torch.tensor(assignment, dtype=torch.long) if assignment is not None else None
@@ -64,7 +69,7 @@ class Objective:
         return self
 
     def __call__(
-        self, logits: torch.Tensor, routing: Routing | None, target: torch.Tensor
+        self, logits: torch.Tensor, routing: Routing | list[TokenRouting] | None, target: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """target: [B] class indices, or [B, C] soft targets (mixup/cutmix, already label-smoothed).
 
@@ -78,7 +83,9 @@ class Objective:
             cls = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         loss = cls
         parts = {"cls_loss": cls.detach()}
-        if routing is not None:
+        if isinstance(routing, list):
+            loss = loss + self._token_losses(routing, parts)
+        elif routing is not None:
             r_logits = routing.logits.float()  # [B, E]
             if self.super_of is not None:
                 r_loss, super_hard = superclass_router_loss(r_logits, target, self.super_of)
@@ -92,3 +99,15 @@ class Objective:
             parts["expert_load"] = expert_load(routing, self.E)
         parts["loss"] = loss.detach()
         return loss, parts
+
+    def _token_losses(self, routing: list[TokenRouting], parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """V-MoE: w_i * importance + w_l * load, each summed over the MoE blocks; per-block load and drops."""
+        importance = torch.stack([r.importance_loss for r in routing]).sum()
+        load = torch.stack([r.load_loss for r in routing]).sum()
+        stats = [routing_stats(r, self.E) for r in routing]
+        parts["importance_loss"], parts["load_loss"] = importance.detach(), load.detach()
+        parts["expert_load"] = torch.stack([s[0] for s in stats])  # [L, E] choices each expert processed
+        parts["dropped"] = (
+            torch.stack([s[1] for s in stats]).detach().double()
+        )  # [L] fraction of choices dropped
+        return self.importance_w * importance + self.load_w * load

@@ -1,0 +1,156 @@
+"""Per-token V-MoE: buffer placement against a reference, experts against a loop, losses, training, eval."""
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+import mobile_vmoe.models  # noqa: F401  (registers the models)
+from mobile_vmoe.config import load_config
+from mobile_vmoe.models.token_moe import (
+    TokenExpertMlp,
+    TokenRouter,
+    buffer_slots,
+    expert_capacity,
+    routing_stats,
+)
+from mobile_vmoe.models.vmoe import moe_block_indices
+
+TOKEN = "mobile_vmoe_token_nano_patch8_32"
+
+
+def _reference_slots(idx: torch.Tensor, gates: torch.Tensor, E: int, P: int, bpr: bool) -> torch.Tensor:
+    """V-MoE's placement written as loops: K-major, in token order or by descending top gate."""
+    G, N, K = idx.shape
+    out = torch.empty_like(idx)
+    for g in range(G):
+        order = sorted(range(N), key=lambda i: -float(gates[g, i, 0])) if bpr else range(N)
+        count = [0] * E
+        for k in range(K):
+            for i in order:
+                e = int(idx[g, i, k])
+                out[g, i, k] = e * P + count[e] if count[e] < P else E * P
+                count[e] += 1
+    return out
+
+
+@pytest.mark.parametrize("bpr", [False, True])
+@pytest.mark.parametrize("ratio", [0.25, 1.0, 2.0])
+def test_buffer_slots_match_reference(bpr, ratio):
+    torch.manual_seed(1)
+    G, N, E, K = 3, 17, 5, 2
+    gates, idx = torch.randn(G, N, E).softmax(-1).topk(K, dim=-1)
+    P = expert_capacity(N, K, ratio, E)
+    assert P == max(1, min(N, math.ceil(K * N * ratio / E)))
+    got = buffer_slots(idx, gates, E, P, bpr)
+    torch.testing.assert_close(got, _reference_slots(idx, gates, E, P, bpr))
+    for g in range(G):  # a slot of a group's buffers holds one token
+        kept = got[g][got[g] < E * P]
+        assert kept.unique().numel() == kept.numel()
+
+
+def test_bpr_keeps_the_most_confident_tokens():
+    """At a small capacity, BPR keeps the tokens with the highest top gate; vanilla keeps the first ones."""
+    N, E = 8, 2
+    idx = torch.zeros(1, N, 1, dtype=torch.long)  # every token wants expert 0
+    gates = torch.tensor([0.1, 0.2, 0.9, 0.3, 0.8, 0.4, 0.5, 0.6]).reshape(1, N, 1)
+    P = 2
+    vanilla = buffer_slots(idx, gates, E, P, bpr=False)[0, :, 0]
+    bpr = buffer_slots(idx, gates, E, P, bpr=True)[0, :, 0]
+    assert (vanilla < E * P).nonzero().flatten().tolist() == [0, 1]
+    assert (bpr < E * P).nonzero().flatten().tolist() == [2, 4]
+
+
+def test_experts_match_a_loop_over_tokens_and_drop_to_zero():
+    torch.manual_seed(0)
+    G, N, D, H, E, K = 2, 11, 8, 16, 4, 2
+    mlp, router = TokenExpertMlp(D, H, E), TokenRouter(D, E, K).eval()
+    x = torch.randn(G, N, D)
+    r = router(x, expert_capacity(N, K, 0.5, E), True)
+    y = mlp(x, r)
+    ref = torch.zeros_like(x)
+    for g in range(G):
+        for i in range(N):
+            for k in range(K):
+                if r.slot[g, i, k] < E * r.capacity:  # a dropped choice adds nothing
+                    e = r.expert_idx[g, i, k]
+                    h = torch.nn.functional.gelu(x[g, i] @ mlp.fc1_weight[e] + mlp.fc1_bias[e])
+                    ref[g, i] += r.gates[g, i, k] * (h @ mlp.fc2_weight[e] + mlp.fc2_bias[e])
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    load, dropped = routing_stats(r, E)
+    assert int(load.sum()) == int((r.slot < E * r.capacity).sum()) and 0 < float(dropped) < 1
+
+
+def test_router_losses():
+    """Importance loss: squared CV of the summed gates; load loss only with noise, from P(in top K)."""
+    torch.manual_seed(0)
+    router = TokenRouter(8, 4, top_k=1, noise_std=1.0)
+    x = torch.randn(2, 32, 8)
+    router.eval()
+    r = router(x, 8, False)
+    imp = r.probs.sum(dim=1)
+    want = (imp.var(dim=-1, unbiased=False) / imp.mean(dim=-1) ** 2).mean()
+    torch.testing.assert_close(r.importance_loss, want)
+    assert float(r.load_loss) == 0.0  # no noise at eval
+    router.train()
+    r = router(x, 8, False)
+    assert float(r.load_loss) > 0
+    (r.importance_loss + r.load_loss).backward()
+    assert router.proj.weight.grad.abs().sum() > 0
+    assert router.proj.bias is None  # V-MoE's router is bias-free
+
+
+def test_placement_and_inference_routing():
+    assert moe_block_indices(12, 2, "last") == [10, 11]
+    assert moe_block_indices(12, 2, "every") == [1, 3, 5, 7, 9, 11]
+    with pytest.raises(ValueError, match="moe_placement"):
+        moe_block_indices(12, 2, "first")
+    m = timm.create_model(TOKEN, num_classes=5, num_experts=4, moe_placement="every", num_moe_layers=2).eval()
+    assert m.moe_indices == [1, 3, 5, 7, 9, 11] and m.num_moe_layers == 6
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        full, routing = m.forward_with_routing(x)
+        assert len(routing) == 6 and all(r.capacity == expert_capacity(4 * 17, 1, 1.05, 4) for r in routing)
+        m.set_routing(capacity_ratio=0.1, bpr=False)
+        low, routing = m.forward_with_routing(x)
+        assert routing[0].capacity == expert_capacity(4 * 17, 1, 0.1, 4)
+        assert float(routing_stats(routing[0], 4)[1]) > 0.5 and not torch.allclose(full, low)
+        m.set_routing(top_k=2)
+        assert m.forward_with_routing(x)[1][0].expert_idx.shape[-1] == 2
+    with pytest.raises(ValueError, match="capacity_ratio"):
+        m.set_routing(capacity_ratio=0)
+
+
+def test_export_keeps_static_shapes():
+    m = timm.create_model(TOKEN, num_classes=5, num_experts=4, depth=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    ep = torch.export.export(m, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), m(x))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("scatter" in o for o in ops) and any("gather" in o for o in ops)
+
+
+def test_training_logs_aux_losses_and_block_statistics(tmp_path):
+    from mobile_vmoe.evaluate import evaluate
+    from mobile_vmoe.train import train
+
+    cfg = load_config(
+        "quick",
+        [f"data.root={tmp_path / 'data'}", f"out={tmp_path / 'run'}", "threads=1", "schedule.max_steps=4",
+         f"model={TOKEN}", "model_kwargs.depth=4", "moe_kwargs.num_experts=4"],
+    )  # fmt: skip
+    run = train(cfg)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in recs if r["kind"] == "train"][-1]
+    assert last["importance_loss"] > 0 and last["load_loss"] > 0 and "balance_loss" not in last
+    epoch = [r for r in recs if r["kind"] == "epoch"][-1]
+    L = 1  # the quick preset: one MoE block
+    assert len(epoch["train_expert_load"]) == L and len(epoch["train_expert_load"][0]) == 4
+    assert len(epoch["train_dropped"]) == L and all(0 <= d <= 1 for d in epoch["train_dropped"])
+    res = evaluate(run)
+    assert len(res["expert_load"]) == L and len(res["dropped_fraction"]) == L
+    w = torch.tensor(res["class_expert_weight"])  # [L, C, E]: each class's mean routing weights sum to 1
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2], dtype=w.dtype), atol=1e-6, rtol=0)
