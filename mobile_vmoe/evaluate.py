@@ -12,19 +12,24 @@ metrics with the same ``eval_counts`` / ``summarize_counts``. Shape letters as i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from .capacity import InferenceRouting, apply_routing, capacity_curve
 from .checkpoint import ModelMeta, load_model, resolve_model_file
 from .common import UserError, write_json_atomic
 from .data import ImageListDataset, collate_skip_bad, scan_dataset
+from .files.capacity_curve import PRIORITIES
 from .files.file_list import Sample, read_file_list
 from .files.superclass_map import read_superclass_map
 from .models.moe import Routing
 from .models.token_moe import TokenRouting
+
+log = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "eval_counts", "summarize_counts"]
 
@@ -227,6 +232,57 @@ def _router_truth(
     return torch.tensor(read_superclass_map(path, meta.class_names).assignment), str(path)
 
 
+class Evaluation(NamedTuple):
+    """A loaded model and the images it is evaluated on, ready to run (possibly under several routings)."""
+
+    ckpt: Path
+    model: torch.nn.Module
+    meta: ModelMeta
+    data_dir: Path
+    images: EvalSet
+    loader: Any
+    device: torch.device
+
+
+def prepare_evaluation(
+    checkpoint: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    file_list: str | os.PathLike[str] | None = None,
+    split: str = "val",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    routing: InferenceRouting | None = None,
+) -> Evaluation:
+    """Check the inputs and load the model (under ``routing``) and its images (with the preprocessing stored in
+    the model file)."""
+    if split not in ("val", "heldout"):
+        raise UserError(f"split must be 'val' or 'heldout', got {split!r}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    ckpt = resolve_model_file(checkpoint)
+    model, meta = load_model(ckpt)
+    if routing is not None:  # before the images: a wrong option fails fast
+        apply_routing(model, routing, ckpt)
+    data_dir = _dataset_dir(ckpt, meta, data_dir)
+    images = _eval_set(ckpt, meta, data_dir, file_list, split)
+    loader = torch.utils.data.DataLoader(
+        ImageListDataset(data_dir, images.samples, meta.preprocess.transform()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+    )
+    # ImageNet's 50k val images want a GPU when there is one
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Evaluation(ckpt, model.to(device), meta, data_dir, images, loader, device)
+
+
+def run_counts(ev: Evaluation, super_of: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    counts = eval_counts(ev.model, ev.loader, len(ev.meta.class_names), super_of=super_of, device=ev.device)
+    if int(counts["n"]) == 0:
+        raise UserError(f"none of the {len(ev.images.samples)} images in {ev.images.source} could be read")
+    return counts
+
+
 def evaluate(
     checkpoint: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
@@ -236,30 +292,15 @@ def evaluate(
     json_out: str | os.PathLike[str] | None = None,
     num_workers: int = 0,
     superclasses: str | os.PathLike[str] | None = None,
+    routing: InferenceRouting | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model file (or run / checkpoint directory) on ``split`` (val | heldout) or a file list, with
-    the preprocessing stored in the model file. Returns the report, also written to ``json_out``."""
-    if split not in ("val", "heldout"):
-        raise UserError(f"split must be 'val' or 'heldout', got {split!r}")
-    if batch_size < 1:
-        raise UserError(f"batch size must be >= 1, got {batch_size}")
-    ckpt = resolve_model_file(checkpoint)
-    model, meta = load_model(ckpt)
-    data_dir = _dataset_dir(ckpt, meta, data_dir)
-    images = _eval_set(ckpt, meta, data_dir, file_list, split)
+    the preprocessing stored in the model file; a per-token V-MoE under ``routing`` (capacity, BPR, K).
+    Returns the report, also written to ``json_out``."""
+    ev = prepare_evaluation(checkpoint, data_dir, file_list, split, batch_size, num_workers, routing)
+    ckpt, model, meta, data_dir, images = ev.ckpt, ev.model, ev.meta, ev.data_dir, ev.images
     super_of, sc_path = _router_truth(model, meta, superclasses)
-
-    loader = torch.utils.data.DataLoader(
-        ImageListDataset(data_dir, images.samples, meta.preprocess.transform()),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_skip_bad,
-    )
-    # ImageNet's 50k val images want a GPU when there is one
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    counts = eval_counts(model.to(device), loader, len(meta.class_names), super_of=super_of, device=device)
-    if int(counts["n"]) == 0:
-        raise UserError(f"none of the {len(images.samples)} images in {images.source} could be read")
+    counts = run_counts(ev, super_of)
 
     result: dict[str, Any] = {
         "checkpoint": str(ckpt),
@@ -273,6 +314,9 @@ def evaluate(
     }
     if result["is_moe"]:
         result.update(num_experts=model.num_experts, top_k=model.top_k, superclasses=sc_path)
+    if getattr(model, "moe_routing", None) == "token":
+        mlp = model.moe_mlps()[0]
+        result.update(routing="token", capacity_ratio=mlp.eval_capacity_ratio, bpr=mlp.eval_bpr)
     if json_out is not None:
         write_json_atomic(json_out, result)
     return result
@@ -284,7 +328,13 @@ def _format(r: dict[str, Any]) -> str:
         + (f" ({r['skipped']} unreadable, skipped)" if r["skipped"] else ""),
         f"top-1 {100 * r['top1']:.2f} %   top-5 {100 * r['top5']:.2f} %   loss {r['loss']:.4f}",
     ]
-    if r["is_moe"]:
+    if r.get("routing") == "token":
+        lines.append(
+            f"per-token routing: capacity ratio {r['capacity_ratio']:g}, BPR {'on' if r['bpr'] else 'off'}, K={r['top_k']}"
+        )
+        for i, (d, load) in enumerate(zip(r["dropped_fraction"], r["expert_load"])):
+            lines.append(f"MoE block {i}: {100 * d:.1f} % of choices dropped; tokens per expert {load}")
+    elif r["is_moe"]:
         if r.get("router_accuracy") is not None:
             lines.append(f"router accuracy against the super-classes: {100 * r['router_accuracy']:.2f} %")
         lines.append("expert  images  accuracy (images whose first choice it is)")
@@ -294,6 +344,23 @@ def _format(r: dict[str, Any]) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    ratios, priorities = args.capacity_ratio or [], args.priority or []
+    data = dict(data_dir=args.data, file_list=args.file_list, split=args.split, batch_size=args.batch_size,
+                num_workers=args.num_workers)  # fmt: skip
+    if len(ratios) > 1 or len(priorities) > 1:
+        if not args.json:
+            raise UserError(
+                "a capacity sweep (several --capacity-ratio or --priority values) needs --json OUT"
+            )
+        curve = capacity_curve(args.checkpoint, ratios or [1.0], priorities or list(PRIORITIES), args.top_k,
+                               args.json, **data)  # fmt: skip
+        for p in curve.points:
+            print(f"{p.priority:8s} capacity {p.capacity_ratio:<6g} top-1 {100 * p.top1:6.2f} %")
+        print(f"wrote {args.json} and {Path(args.json).with_suffix('.png')}")
+        return 0
+    routing = InferenceRouting(
+        ratios[0] if ratios else None, (priorities[0] == "bpr") if priorities else None, args.top_k
+    )
     r = evaluate(
         args.checkpoint,
         data_dir=args.data,
@@ -303,6 +370,7 @@ def _cli(args: argparse.Namespace) -> int:
         json_out=args.json,
         num_workers=args.num_workers,
         superclasses=args.superclasses,
+        routing=routing,
     )
     print(_format(r))
     if args.json:
@@ -326,4 +394,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full report (with class x expert counts) here")
+    g = p.add_argument_group("per-token V-MoE routing at inference (no retraining)")
+    g.add_argument("--capacity-ratio", type=float, nargs="+", default=None,
+                   help="expert buffer size; several values: the accuracy vs capacity curve (JSON + PNG at --json)")  # fmt: skip
+    g.add_argument("--priority", choices=PRIORITIES, nargs="+", default=None,
+                   help="bpr: Batch Priority Routing; vanilla: tokens in order (default for a sweep: both)")  # fmt: skip
+    g.add_argument("--top-k", type=int, default=None, help="K experts per token")
     p.set_defaults(func=_cli)

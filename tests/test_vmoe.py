@@ -133,16 +133,23 @@ def test_export_keeps_static_shapes():
     assert any("scatter" in o for o in ops) and any("gather" in o for o in ops)
 
 
-def test_training_logs_aux_losses_and_block_statistics(tmp_path):
-    from mobile_vmoe.evaluate import evaluate
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory):
     from mobile_vmoe.train import train
 
+    tmp = tmp_path_factory.mktemp("vmoe")
     cfg = load_config(
         "quick",
-        [f"data.root={tmp_path / 'data'}", f"out={tmp_path / 'run'}", "threads=1", "schedule.max_steps=4",
+        [f"data.root={tmp / 'data'}", f"out={tmp / 'run'}", "threads=1", "schedule.max_steps=4",
          f"model={TOKEN}", "model_kwargs.depth=4", "moe_kwargs.num_experts=4"],
     )  # fmt: skip
-    run = train(cfg)
+    return train(cfg)
+
+
+def test_training_logs_aux_losses_and_block_statistics(token_run):
+    from mobile_vmoe.evaluate import evaluate
+
+    run = token_run
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in recs if r["kind"] == "train"][-1]
     assert last["importance_loss"] > 0 and last["load_loss"] > 0 and "balance_loss" not in last
@@ -154,3 +161,42 @@ def test_training_logs_aux_losses_and_block_statistics(tmp_path):
     assert len(res["expert_load"]) == L and len(res["dropped_fraction"]) == L
     w = torch.tensor(res["class_expert_weight"])  # [L, C, E]: each class's mean routing weights sum to 1
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2], dtype=w.dtype), atol=1e-6, rtol=0)
+
+
+def test_eval_capacity_sweep_writes_curve_and_plot(token_run, tmp_path, capsys):
+    from mobile_vmoe.cli import main
+    from mobile_vmoe.files.capacity_curve import read_capacity_curve
+
+    out = tmp_path / "curve.json"
+    args = ["eval", "--checkpoint", str(token_run), "--capacity-ratio", "2", "0.5", "0.1", "--json", str(out)]
+    assert main(args) == 0
+    curve = read_capacity_curve(out)
+    assert [(p.priority, p.capacity_ratio) for p in curve.points] == [
+        (pr, r) for pr in ("bpr", "vanilla") for r in (2.0, 0.5, 0.1)
+    ]
+    for pr in ("bpr", "vanilla"):  # fewer slots, more dropped choices
+        drops = [p.dropped_fraction[0] for p in curve.points if p.priority == pr]
+        assert drops[0] == 0.0 and drops[0] <= drops[1] <= drops[2] and drops[2] > 0.5
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # one setting: the ordinary report, under that routing
+    assert (
+        main(["eval", "--checkpoint", str(token_run), "--capacity-ratio", "0.1", "--priority", "vanilla"])
+        == 0
+    )
+    assert "capacity ratio 0.1, BPR off" in capsys.readouterr().out
+
+
+def test_eval_routing_options_need_a_per_token_model(tmp_path, capsys):
+    import timm
+
+    from mobile_vmoe.checkpoint import ModelMeta, save_model
+    from mobile_vmoe.cli import main
+    from mobile_vmoe.preprocess import Preprocess
+
+    m = timm.create_model("mobile_vmoe_nano_patch8_32", num_classes=3, num_experts=2)
+    save_model(tmp_path / "m.safetensors", m, ModelMeta("mobile_vmoe_nano_patch8_32", {"num_classes": 3, "num_experts": 2},
+               ["a", "b", "c"], Preprocess.for_model(m)))  # fmt: skip
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.safetensors"), "--data", str(tmp_path),
+                 "--capacity-ratio", "0.5"]) == 2  # fmt: skip
+    assert "per-token V-MoE" in capsys.readouterr().err

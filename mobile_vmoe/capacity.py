@@ -1,0 +1,96 @@
+"""Inference routing of a per-token V-MoE: capacity ratio, priority (BPR or vanilla) and K, changed without
+retraining, and the accuracy vs capacity curve (``mobile-vmoe eval --capacity-ratio 1 0.5 0.25 --json C.json``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .common import UserError, atomic_path
+from .files.capacity_curve import PRIORITIES, CapacityCurve, CurvePoint, plot_rows, write_capacity_curve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InferenceRouting", "apply_routing", "capacity_curve", "plot_capacity_curve"]
+
+
+class InferenceRouting(NamedTuple):
+    """A per-token V-MoE's inference routing; None keeps the model's own value."""
+
+    capacity_ratio: float | None = None
+    bpr: bool | None = None
+    top_k: int | None = None
+
+
+def apply_routing(model: torch.nn.Module, routing: InferenceRouting, where: Path) -> None:
+    if getattr(model, "moe_routing", None) != "token":
+        if any(v is not None for v in routing):
+            raise UserError(
+                f"{where}: --capacity-ratio, --priority and --top-k apply to per-token V-MoE models "
+                f"(mobile_vmoe_token_*), not to {type(model).__name__}"
+            )
+        return
+    try:
+        model.set_routing(*routing)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def capacity_curve(
+    checkpoint: str | os.PathLike[str],
+    capacity_ratios: list[float],
+    priorities: Sequence[str] = PRIORITIES,
+    top_k: int | None = None,
+    json_out: str | os.PathLike[str] | None = None,
+    **data: Any,
+) -> CapacityCurve:
+    """Top-1 of a per-token V-MoE at each inference capacity ratio and priority (BPR, vanilla), on one set of
+    images loaded once; writes the curve (JSON) and its plot (PNG beside it) to ``json_out``."""
+    bad = [p for p in priorities if p not in PRIORITIES]
+    if bad or not priorities:
+        raise UserError(f"--priority must be among {PRIORITIES}, got {priorities}")
+    if not capacity_ratios or any(not r > 0 for r in capacity_ratios):
+        raise UserError(f"--capacity-ratio needs values > 0, got {capacity_ratios}")
+    from .evaluate import prepare_evaluation, run_counts, summarize_counts
+
+    ev = prepare_evaluation(checkpoint, routing=InferenceRouting(top_k=top_k), **data)
+    curve = CapacityCurve(ev.meta.model, str(ev.ckpt), int(top_k or ev.model.top_k), ev.images.source)
+    for priority in priorities:
+        for ratio in capacity_ratios:
+            apply_routing(ev.model, InferenceRouting(ratio, priority == "bpr", top_k), ev.ckpt)
+            s = summarize_counts(run_counts(ev))
+            curve.points.append(
+                CurvePoint(priority, float(ratio), s["top1"], s["top5"], s["dropped_fraction"])
+            )
+            log.info("%s capacity %g: top-1 %.4f", priority, ratio, s["top1"])
+    if json_out is not None:
+        write_capacity_curve(json_out, curve)
+        plot_capacity_curve(curve, Path(json_out).with_suffix(".png"))
+    return curve
+
+
+def plot_capacity_curve(curve: CapacityCurve, path: Path) -> Path:
+    """Top-1 against capacity ratio, one line per priority."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for priority, pts in plot_rows(curve).items():
+        ax.plot([r for r, _ in pts], [100 * t for _, t in pts], marker="o", label=priority)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference capacity ratio")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{curve.model}, K={curve.top_k}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
