@@ -13,6 +13,7 @@ Python control flow, so torch.export keeps the whole block.
 """
 
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -61,7 +62,8 @@ def buffer_slots(
     idx = expert_idx
     order = torch.arange(N, device=idx.device).expand(G, N)  # vanilla: token order
     if bpr:
-        order = torch.argsort(gates[..., 0], dim=1, descending=True)  # [G, N], most confident first
+        # [G, N], most confident first; topk, not argsort: ExecuTorch's portable kernels have no sort
+        order = gates[..., 0].topk(N, dim=1).indices
         idx = idx.gather(1, order.unsqueeze(-1).expand(G, N, K))
     onehot = F.one_hot(idx, E).transpose(1, 2).reshape(G, K * N, E)  # K-major
     pos = ((onehot.cumsum(dim=1) - 1) * onehot).sum(dim=-1).reshape(G, K, N).transpose(1, 2)  # [G, N, K]
@@ -119,26 +121,34 @@ class TokenRouter(nn.Module):
         return f"num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
 
 
+def to_buffers(x: torch.Tensor, routing: TokenRouting, num_experts: int) -> torch.Tensor:
+    """x [G, N, D] -> expert buffers [E, G * P, D]: each kept choice's token in its slot, zeros elsewhere."""
+    G, N, D = x.shape
+    K, E, P = routing.slot.shape[-1], num_experts, routing.capacity
+    slot = routing.slot.reshape(G, N * K, 1).expand(G, N * K, D)
+    src = x.unsqueeze(2).expand(G, N, K, D).reshape(G, N * K, D)
+    # Slot E * P collects the dropped choices and is never read back.
+    buf = x.new_zeros(G, E * P + 1, D).scatter(1, slot, src)
+    return buf[:, : E * P].reshape(G, E, P, D).transpose(0, 1).reshape(E, G * P, D)
+
+
+def from_buffers(y: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
+    """Expert outputs [E, G * P, D] -> [G, N, D]: each token's kept choices, weighted by their gates."""
+    G, N, K = routing.slot.shape
+    E, P, D = y.shape[0], routing.capacity, y.shape[-1]
+    y = y.reshape(E, G, P, D).transpose(0, 1).reshape(G, E * P, D)
+    y = torch.cat([y, y.new_zeros(G, 1, D)], dim=1)  # a dropped choice reads zeros
+    out = y.gather(1, routing.slot.reshape(G, N * K, 1).expand(G, N * K, D)).reshape(G, N, K, D)
+    return (out * routing.gates.unsqueeze(-1)).sum(dim=2)
+
+
 @register_notrace_module
 class TokenExpertMlp(ExpertMlp):
     """E expert MLPs (stacked ``[E, D, H]`` weights, as ``ExpertMlp``) applied to fixed per-expert buffers."""
 
     def forward(self, x: torch.Tensor, routing: TokenRouting) -> torch.Tensor:  # type: ignore[override]
         """x: [G, N, D] -> [G, N, D] = sum_k gates[..., k] * expert_{idx[..., k]}(token), 0 for dropped choices."""
-        G, N, D = x.shape
-        K = routing.slot.shape[-1]
-        E, P = self.num_experts, routing.capacity
-        EP = E * P
-        slot = routing.slot.reshape(G, N * K, 1).expand(G, N * K, D)
-        src = x.unsqueeze(2).expand(G, N, K, D).reshape(G, N * K, D)
-        # Slot E * P collects the dropped choices and is never read back.
-        buf = x.new_zeros(G, EP + 1, D).scatter(1, slot, src)
-        buf = buf[:, :EP].reshape(G, E, P, D).transpose(0, 1).reshape(E, G * P, D)
-        y = self.experts(buf)  # [E, G * P, D]
-        y = y.reshape(E, G, P, D).transpose(0, 1).reshape(G, EP, D)
-        y = torch.cat([y, y.new_zeros(G, 1, D)], dim=1)
-        out = y.gather(1, slot).reshape(G, N, K, D)
-        return (out * routing.gates.unsqueeze(-1)).sum(dim=2)
+        return from_buffers(self.experts(to_buffers(x, routing, self.num_experts)), routing)
 
     def experts(self, buf: torch.Tensor) -> torch.Tensor:
         """[E, M, D] -> [E, M, D]: expert e's MLP on its M buffer rows (export swaps in per-expert linears)."""
@@ -157,6 +167,10 @@ def group_images(batch: int, group_size: int) -> int:
 # Under a plain FX trace the batch size is a proxy: these run when the graph runs, not when it is traced.
 torch.fx.wrap("group_images")
 torch.fx.wrap("expert_capacity")
+
+
+# Kept outside the modules: a routing holds graph tensors, which deepcopy (EMA, export copies) cannot copy.
+_LAST_ROUTING: "weakref.WeakKeyDictionary[nn.Module, TokenRouting]" = weakref.WeakKeyDictionary()
 
 
 class TokenMoEMlp(nn.Module):
@@ -202,7 +216,6 @@ class TokenMoEMlp(nn.Module):
         self.eval_capacity_ratio = eval_capacity_ratio
         self.bpr = bpr
         self.eval_bpr = eval_bpr
-        self.last_routing: TokenRouting | None = None
 
     @classmethod
     def from_block_mlp(cls, mlp: nn.Module, num_experts: int, **kwargs: Any) -> "TokenMoEMlp":
@@ -243,8 +256,15 @@ class TokenMoEMlp(nn.Module):
         bpr = self.bpr if self.training else self.eval_bpr
         routing = self.router(y, expert_capacity(g * T, self.router.top_k, ratio, self.num_experts), bpr)
         if not torch.jit.is_scripting():
-            self.last_routing = routing
+            _LAST_ROUTING[self] = routing
         return self.experts(y, routing).reshape(B, T, D)
+
+    __jit_unused_properties__ = ["last_routing"]
+
+    @property
+    def last_routing(self) -> TokenRouting | None:
+        """The routing of the last forward (with its autograd graph, for the losses)."""
+        return _LAST_ROUTING.get(self)
 
     def extra_repr(self) -> str:
         return (
