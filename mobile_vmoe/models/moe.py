@@ -5,6 +5,9 @@ Shape letters, used in every module of this package (as google-research/vmoe doe
     D  token width (embed_dim)      H  hidden width of an expert MLP
     E  experts                      K  experts chosen per image (top-k)
     C  classes                      S  super-classes (S == E when super-class routing is used)
+Per-token routing (``token_moe.py``) adds:
+    G  groups of tokens routed together    N  tokens per group (the tokens of a few images)
+    P  buffer slots per expert and group (V-MoE's capacity C, renamed: C is the classes here)
 
 Mobile V-MoE routes whole images, not tokens: one router, placed after the last dense block, picks K of E
 experts per image, and the same experts (with the same gate weights) serve every MoE block.
