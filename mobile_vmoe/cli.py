@@ -69,6 +69,8 @@ def setup_logging(verbose: bool = False) -> None:
     # libraries log at INFO by the hundred (e.g. ONNX's optimiser, one line per folded initialiser)
     root.setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("mobile_vmoe").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # torch logs through its own handler (not the root's), at WARNING: deprecation notes from its internals
+    logging.getLogger("torch").setLevel(logging.WARNING if verbose else logging.ERROR)
     logging.captureWarnings(True)  # library warnings go through logging: shown with -v only
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 

@@ -5,6 +5,7 @@ the report, skipping finished stages, redoing stages whose outputs are gone, con
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import shutil
@@ -314,3 +315,34 @@ def test_a_second_run_is_refused_while_the_directory_is_locked(tmp_path):
         holder.kill()
         holder.wait()
     shutil.rmtree(out)
+
+
+def test_quiet_by_default_and_verbose_with_v(capsys):
+    from mobile_vmoe.cli import main
+
+    names = ("", "mobile_vmoe", "torch", "py.warnings")
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        for argv, ours, libraries in (
+            (["-v", "models", "mobile_vit_nano_patch8_32"], logging.DEBUG, logging.INFO),
+            (["models", "-v", "mobile_vit_nano_patch8_32"], logging.DEBUG, logging.INFO),
+            (["models", "mobile_vit_nano_patch8_32"], logging.INFO, logging.ERROR),
+        ):
+            assert main(argv) == 0 and "mobile_vit_nano_patch8_32" in capsys.readouterr().out
+            assert logging.getLogger("mobile_vmoe.pipeline").getEffectiveLevel() == ours
+            assert logging.getLogger("onnx_ir").getEffectiveLevel() == libraries  # "Replaced initializer ..."
+            assert logging.getLogger("torch").level == max(libraries, logging.WARNING)
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+        logging.captureWarnings(False)
+
+
+def test_progress_is_plain_log_lines_without_a_terminal(caplog, monkeypatch):
+    import mobile_vmoe.cli as cli
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(cli, "PROGRESS_LOG_SECONDS", 0.0)  # every item, instead of every 30 s
+    monkeypatch.setattr(cli.sys, "stderr", io.StringIO())  # a log file, not a terminal
+    assert list(cli.progress(iter("abc"), 3, "held-out confusion")) == ["a", "b", "c"]
+    assert [r.getMessage() for r in caplog.records] == [f"held-out confusion: {i}/3" for i in (1, 2, 3)]
