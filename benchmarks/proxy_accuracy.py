@@ -14,30 +14,30 @@ is missing.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from mobile_vmoe.cli import setup_logging
 from mobile_vmoe.evaluate import evaluate
-from mobile_vmoe.pipeline import _Pipeline, load_pipeline_config, run_pipeline
+from mobile_vmoe.pipeline import PipelineConfig, load_pipeline_config, run_pipeline, train_config
 from mobile_vmoe.train import find_checkpoint, train
 
 GOAL = 3.0
 
 
-def _e2e(p: _Pipeline) -> float:
+def _e2e(pcfg: PipelineConfig, out: Path) -> float:
     """The MoE of the pipeline's config, with the router trained end to end (no super-class map)."""
-    run = p.out / "moe_e2e"
+    run = out / "moe_e2e"
     if not (run / "model.safetensors").is_file():
-        cfg = p.train_config("moe")
+        cfg = train_config(pcfg, out, "moe")
         cfg.moe.superclasses = None
         cfg.out = str(run)
-        cfg.name = f"{p.cfg.name}-moe_e2e"
+        cfg.name = f"{pcfg.name}-moe_e2e"
         cfg.resume = find_checkpoint(run) is not None
         train(cfg)
-    return evaluate(run, json_out=p.out / "eval" / "moe_e2e.json")["top1"]
+    return evaluate(run)["top1"]  # not into OUT/eval: the pipeline's eval stage owns what is there
 
 
 def main() -> int:
@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end-router ablation")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline config overrides")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    setup_logging()
 
     rows = []
     for seed in args.seeds:
@@ -56,10 +56,9 @@ def main() -> int:
         out = Path(args.work) / f"seed{seed}"
         t0 = time.perf_counter()
         run_pipeline(cfg, out)  # the report stage runs too: every seed has its report.md
-        p = _Pipeline(cfg, out.absolute())
         dense = evaluate(out / "dense")["top1"]
         moe = evaluate(out / "moe")["top1"]
-        e2e = None if args.no_e2e else _e2e(p)
+        e2e = None if args.no_e2e else _e2e(cfg, out.absolute())
         rows.append((seed, dense, moe, e2e))
         print(
             f"seed {seed}: dense {100 * dense:.2f}  moe {100 * moe:.2f} ({100 * (moe - dense):+.2f})"

@@ -7,7 +7,7 @@ Drives the real CLI in subprocesses, as a user would:
     mobile-vmoe train --config synthetic --dataset synthetic --out RUN
     mobile-vmoe superclasses --checkpoint RUN/model.safetensors --num-superclasses 10 --out OUT
 then compares OUT/superclasses.json with the dataset's superclasses_true.json (the dataset directory is the
-checkpoint's metadata extra["data_dir"]). Goal: ARI >= 0.8 for the default algorithm. The other algorithms are
+checkpoint's metadata train.data_dir). Goal: ARI >= 0.8 for the default algorithm. The other algorithms are
 run on the same confusion matrix (--confusion OUT/confusion.npy) for a side-by-side comparison.
 """
 

@@ -29,15 +29,10 @@ def main() -> int:
         os.environ[var] = str(args.threads)  # before numpy/scipy load their BLAS
 
     import numpy as np
+    from _common import planted_confusion
     from sklearn.metrics import adjusted_rand_score
 
-    from mobile_vmoe.superclasses import (
-        ALGORITHMS,
-        DEFAULT_ALGORITHM,
-        find_superclasses,
-        partition_confusion,
-        planted_confusion,
-    )
+    from mobile_vmoe.superclasses import ALGORITHMS, DEFAULT_ALGORITHM, find_superclasses, partition_confusion
 
     q, r = divmod(args.classes, args.groups)
     sizes = [q + 1] * r + [q] * (args.groups - r)

@@ -1,16 +1,27 @@
-"""`mobile-vmoe VERB ...`: one verb per pipeline stage.
+"""`mobile-vmoe [-v] VERB ...`: one verb per pipeline stage, and the console every verb shares.
 
 Each stage module exposes ``add_cli(subparsers)``, which adds its verb and sets ``func`` to a function taking the
 parsed arguments and returning an exit code.
+
+Console: quiet by default (this package's INFO lines, progress bars on a terminal; other libraries only show
+errors); ``-v`` adds this package's DEBUG lines and other libraries' INFO logs and warnings.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from .common import UserError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+PROGRESS_LOG_SECONDS = 30.0  # without a terminal, a long loop logs how far it got at most this often
 
 # verb -> module that owns it
 STAGES: dict[str, str] = {
@@ -47,6 +58,38 @@ def models_table(names: list[str] | None = None) -> str:
     return "\n".join(rows)
 
 
+def setup_logging(verbose: bool = False) -> None:
+    """One stderr handler, message only; levels as in the module docstring. Safe to call again."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_mobile_vmoe", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._mobile_vmoe = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    # libraries log at INFO by the hundred (e.g. ONNX's optimiser, one line per folded initialiser)
+    root.setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("mobile_vmoe").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # torch logs through its own handler (not the root's), at WARNING: deprecation notes from its internals
+    logging.getLogger("torch").setLevel(logging.WARNING if verbose else logging.ERROR)
+    logging.captureWarnings(True)  # library warnings go through logging: shown with -v only
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """``items`` with a tqdm bar on a terminal; elsewhere (a log file) a plain line every 30 s of a long loop."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, leave=False)
+        return
+    last = time.monotonic()
+    for i, item in enumerate(items, start=1):
+        yield item
+        if time.monotonic() - last >= PROGRESS_LOG_SECONDS:
+            log.info("%s: %d/%d", desc, i, total)
+            last = time.monotonic()
+
+
 def _models(args: argparse.Namespace) -> int:
     print(models_table(args.names or None))
     return 0
@@ -62,14 +105,23 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobile-vmoe", description=__doc__.splitlines()[0])
+    verbose = {"action": "store_true", "help": "details: debug lines and other libraries' logs and warnings"}
+    parser.add_argument("-v", "--verbose", **verbose)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for module in STAGES.values():
         importlib.import_module(module).add_cli(sub)
+    # -v also after the verb; SUPPRESS: when absent there, the global flag's value stays
+    for p in sub.choices.values():
+        try:
+            p.add_argument("-v", "--verbose", **{**verbose, "default": argparse.SUPPRESS})
+        except argparse.ArgumentError:
+            pass  # the verb has a -v of its own
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except UserError as e:

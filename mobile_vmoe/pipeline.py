@@ -8,21 +8,24 @@ Stages (each calls the public entry of the stage module; they talk only through 
 
     data          the dataset (built-in ones are generated)         OUT/data/ or the --data directory
     dense         dense ViT baseline                                OUT/dense/         (train)
-    confusion     its confusion matrix on the held-out split        OUT/confusion/     (superclasses)
+    confusion     its confusion matrix on the held-out split        OUT/confusion/     (confusion)
     superclasses  balanced partition of the confusion graph         OUT/superclasses/  (superclasses)
     moe           Mobile V-MoE with the super-class router loss     OUT/moe/           (train)
     eval          top-1/top-5 of both, routing statistics           OUT/eval/          (eval)
     export        .pte (fp32, int8), .mlpackage, .onnx of both      OUT/export/        (export)
     bench         host latency of the runnable artifacts            OUT/bench/         (bench)
-    report        report.md / report.html with plots                OUT/report.*       (this module)
+    report        report.md / report.html with plots                OUT/report.*       (report)
 
-A stage is finished when OUT/stages/<stage>.json exists (written last, atomically). Re-running skips finished
-stages; an interrupted training stage continues from its newest complete checkpoint; ``--from STAGE`` deletes
-that stage's and every later stage's outputs and redoes them. OUT/pipeline.yaml is the resolved config; running
-again with a different config is an error unless ``--from`` says what to redo.
+A stage is finished when its marker OUT/stages/<stage>.json (files.stage_marker, written last) exists and every
+output it vouches for is still there; otherwise it is redone, and every later stage with it (their outputs
+listed in their markers are deleted first). An interrupted training stage continues from its newest complete
+checkpoint. ``--from STAGE`` redoes STAGE and the later stages, after checking that OUT is a pipeline directory
+and that the earlier stages' markers and outputs are there. OUT/pipeline.yaml is the resolved config; a re-run
+with a different config must redo (``--from``) at least from the first stage the change affects.
 
-Under torchrun the training stages run on every rank (DDP); the other stages run on rank 0 while the other
-ranks wait for their markers (OUT must be on a file system every node sees).
+OUT is locked (flock on OUT/.lock) while a run writes it. Under torchrun the training stages run on every rank
+(DDP); the other stages run on rank 0, which alone takes the lock, while the other ranks wait for the markers
+(OUT must be on a file system every node sees).
 """
 
 from __future__ import annotations
@@ -31,20 +34,39 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from .common import UserError, read_json, write_json_atomic, write_text_atomic
-from .config import config_to_dict, dump_yaml, list_presets, load_config, load_structured, model_kwargs
+from .common import UserError
+from .config import list_presets, load_config, load_structured, model_kwargs
+from .files.stage_marker import StageMarker, marker_path, write_marker
+from .pipeline_dir import (
+    LOCK_FILE,
+    PIPELINE_YAML,
+    STAGES,
+    BenchSummary,
+    ConfusionSummary,
+    DataSummary,
+    EvalSummary,
+    ExportSummary,
+    ReportSummary,
+    SuperclassSummary,
+    TrainSummary,
+    changed_keys,
+    is_pipeline_dir,
+    locked,
+    not_done,
+    prepare,
+    read_summary,
+    wait_for,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "STAGES", "load_pipeline_config", "run_pipeline"]
+__all__ = ["PipelineConfig", "STAGES", "load_pipeline_config", "run_pipeline", "train_config"]
 
-STAGES = ("data", "dense", "confusion", "superclasses", "moe", "eval", "export", "bench", "report")
 MODELS = ("dense", "moe")
 
 
@@ -70,57 +92,51 @@ class PipelineConfig:
     seed: int = 0
 
 
+# The first stage each config key changes: a run with a changed key must redo from there (or earlier).
+# moe_model / moe_overrides fix E, the number of super-classes.
+FIRST_STAGE = {
+    "name": "dense", "train": "data", "data": "data", "dense_model": "dense", "moe_model": "superclasses",
+    "train_overrides": "data", "dense_overrides": "dense", "moe_overrides": "superclasses",
+    "superclass_algorithm": "superclasses", "formats": "export", "int8": "export", "num_verify": "export",
+    "bench_warmup": "bench", "bench_iterations": "bench", "bench_threads": "bench", "seed": "dense",
+}  # fmt: skip
+
+
 def load_pipeline_config(preset_or_file: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """A pipeline preset (``list_presets("pipeline")``) or YAML file, then ``key=value`` overrides."""
     return load_structured(PipelineConfig, preset_or_file, overrides, kind="pipeline")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Stage bookkeeping
-# ---------------------------------------------------------------------------------------------------------------
+def _check_config_change(out: Path, cfg: PipelineConfig, start: str | None) -> None:
+    """A changed config must be redone from the first stage it changes (or earlier)."""
+    changed = changed_keys(out, cfg)
+    if not changed:
+        return
+    need = min(STAGES.index(FIRST_STAGE.get(k, STAGES[0])) for k in changed)
+    if start is None or STAGES.index(start) > need:
+        raise UserError(
+            f"{out / PIPELINE_YAML}: this run was made with another config (differs in {', '.join(changed)}); "
+            f"pass --from {STAGES[need]} (or an earlier stage) to redo from the first stage it changes, or use "
+            f"another --out"
+        )
 
 
-def _marker(out: Path, stage: str) -> Path:
-    return out / "stages" / f"{stage}.json"
-
-
-def _done(out: Path, stage: str) -> dict[str, Any] | None:
-    m = _marker(out, stage)
-    return read_json(m, "stage marker") if m.is_file() else None
-
-
-def _stage_outputs(out: Path, stage: str) -> list[Path]:
-    """What ``--from`` deletes for a stage (the data stage keeps a generated dataset: it is keyed by its params)."""
-    return {
-        "data": [],
-        "dense": [out / "dense"],
-        "confusion": [out / "confusion"],
-        "superclasses": [out / "superclasses"],
-        "moe": [out / "moe"],
-        "eval": [out / "eval"],
-        "export": [out / "export"],
-        "bench": [out / "bench"],
-        "report": [out / "report.md", out / "report.html", out / "report_files"],
-    }[stage]
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        trash = p.with_name(f".{p.name}.trash")  # rename first: a half-deleted dir never looks like output
-        shutil.rmtree(trash, ignore_errors=True)
-        p.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    elif p.exists():
-        p.unlink()
-
-
-def _wait_for(marker: Path, what: str) -> None:
-    """Ranks > 0 under torchrun wait here while rank 0 runs a single-process stage."""
-    t0 = time.monotonic()
-    while not marker.is_file():
-        if time.monotonic() - t0 > 24 * 3600:
-            raise UserError(f"waited 24 h for rank 0 to finish {what} ({marker})")
-        time.sleep(2)
+def train_config(cfg: PipelineConfig, out: Path, which: str) -> Any:
+    """The training config of the ``which`` ("dense" | "moe") model of a pipeline writing to ``out``."""
+    over = [*cfg.train_overrides, *(cfg.dense_overrides if which == "dense" else cfg.moe_overrides)]
+    tcfg = load_config(cfg.train, over)
+    tcfg.model = cfg.dense_model if which == "dense" else cfg.moe_model
+    tcfg.name = f"{cfg.name}-{which}"
+    tcfg.seed = cfg.seed
+    tcfg.out = str(out / which)
+    if cfg.data and cfg.data != tcfg.data.spec:
+        tcfg.data.dataset_kwargs = {}  # the preset's generator options are for its own dataset, not this one
+        tcfg.data.spec = cfg.data
+    if tcfg.data.spec in ("synthetic", "digits") and tcfg.data.root == "data":
+        tcfg.data.root = str(out / "data")  # generated data lives with the run
+    if which == "moe":
+        tcfg.moe.superclasses = str(out / "superclasses" / "superclasses.json")
+    return tcfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,35 +144,34 @@ def _wait_for(marker: Path, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _Done(NamedTuple):
+    outputs: list[Path]  # what the stage's marker vouches for (and what a redo deletes)
+    summary: Any  # the stage's *Summary record
+
+
 class _Pipeline:
     def __init__(self, cfg: PipelineConfig, out: Path) -> None:
         self.cfg, self.out = cfg, out
         self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
 
-    # paths every later stage reads
     def run_dir(self, which: str) -> Path:
         return self.out / which
 
-    @property
-    def superclasses_json(self) -> Path:
-        return self.out / "superclasses" / "superclasses.json"
-
     def train_config(self, which: str) -> Any:
-        c = self.cfg
-        over = [*c.train_overrides, *(c.dense_overrides if which == "dense" else c.moe_overrides)]
-        tcfg = load_config(c.train, over)
-        tcfg.model = c.dense_model if which == "dense" else c.moe_model
-        tcfg.name = f"{c.name}-{which}"
-        tcfg.seed = c.seed
-        tcfg.out = str(self.run_dir(which))
-        if c.data:
-            tcfg.data.spec = c.data
-        if tcfg.data.spec in ("synthetic", "digits") and tcfg.data.root == "data":
-            tcfg.data.root = str(self.out / "data")  # generated data lives with the run
-        if which == "moe":
-            tcfg.moe.superclasses = str(self.superclasses_json)
-        return tcfg
+        return train_config(self.cfg, self.out, which)
+
+    def num_experts(self) -> int:
+        import timm
+
+        import mobile_vmoe.models  # noqa: F401  (registers the model names)
+
+        return timm.create_model(self.cfg.moe_model, **model_kwargs(self.train_config("moe"))).num_experts
+
+    def summary(self, stage: str) -> Any:
+        s = read_summary(self.out, stage)
+        if s is None:
+            raise UserError(f"stage {stage} has not finished ({marker_path(self.out, stage)})")
+        return s
 
     def check(self) -> None:
         """Everything a later stage would reject, checked before the first stage runs."""
@@ -164,6 +179,7 @@ class _Pipeline:
 
         import mobile_vmoe.models  # noqa: F401
 
+        from .data import BUILTIN
         from .superclasses import ALGORITHMS
 
         c = self.cfg
@@ -175,6 +191,9 @@ class _Pipeline:
                 )
             if not tcfg.data.spec:
                 raise UserError("pipeline config data: no dataset (set data=DIR or use --data)")
+        spec = self.train_config("dense").data.spec
+        if spec not in BUILTIN and not Path(spec).is_dir():
+            raise UserError(f"--data {spec}: not a directory (nor a built-in dataset: {', '.join(BUILTIN)})")
         dense = timm.create_model(c.dense_model, **model_kwargs(self.train_config("dense")))
         moe = timm.create_model(c.moe_model, **model_kwargs(self.train_config("moe")))
         if getattr(dense, "is_moe", False) or not getattr(moe, "is_moe", False):
@@ -192,8 +211,8 @@ class _Pipeline:
             )
 
     # ---- stages ------------------------------------------------------------------------------------------
-    def data(self) -> dict[str, Any]:
-        from .data import prepare_dataset, scan_dataset
+    def data(self) -> _Done:
+        from .data import BUILTIN, prepare_dataset, scan_dataset
 
         t = self.train_config("dense")
         kw = dict(t.data.dataset_kwargs)
@@ -202,14 +221,18 @@ class _Pipeline:
         index = scan_dataset(
             d
         )  # fails here, not in an hour, on an empty class or a val class missing from train
-        return {
-            "data_dir": str(d),
-            "num_classes": len(index.class_names),
-            "train": len(index.train),
-            "val": len(index.val),
-        }
+        E = self.num_experts()
+        if len(index.class_names) < E:
+            raise UserError(
+                f"{d}: {len(index.class_names)} classes, fewer than the MoE's {E} experts (one super-class each); "
+                f"use a dataset with more classes or moe_overrides=[moe_kwargs.num_experts=N]"
+            )
+        generated = t.data.spec in BUILTIN and d.is_relative_to(self.out)
+        outputs = [d] if generated else []  # a user's dataset is not ours to vouch for
+        return _Done(outputs, DataSummary(str(d), len(index.class_names), len(index.train), len(index.val)))
 
-    def _train(self, which: str) -> dict[str, Any]:
+    def _train(self, which: str) -> _Done:
+        from .checkpoint import MODEL_FILE, read_meta
         from .train import find_checkpoint, train
 
         tcfg = self.train_config(which)
@@ -217,64 +240,60 @@ class _Pipeline:
         if tcfg.resume and self.rank == 0:
             log.info("[%s] continuing the interrupted run in %s", which, tcfg.out)
         run = train(tcfg)
-        return {"run": str(run), "model_file": str(run / "model.safetensors")}
+        model_file = run / MODEL_FILE
+        outputs = [run, model_file, run / "config.yaml"]
+        heldout = read_meta(model_file).train.heldout_list if self.rank == 0 else None
+        if heldout and Path(heldout).is_relative_to(self.out):
+            outputs.append(Path(heldout))  # what the confusion stage reads
+        return _Done(outputs, TrainSummary(str(run), str(model_file)))
 
-    def dense(self) -> dict[str, Any]:
+    def dense(self) -> _Done:
         return self._train("dense")
 
-    def moe(self) -> dict[str, Any]:
+    def moe(self) -> _Done:
         return self._train("moe")
 
-    def confusion(self) -> dict[str, Any]:
-        import numpy as np
+    def confusion(self) -> _Done:
+        from .confusion import heldout_confusion, write_confusion
 
-        from .superclasses import heldout_confusion
-
-        C, names, data_dir = heldout_confusion(self.run_dir("dense"))
+        conf = heldout_confusion(self.run_dir("dense"))
         d = self.out / "confusion"
-        d.mkdir(parents=True, exist_ok=True)
-        from .common import atomic_path
+        files = write_confusion(d, conf)
+        return _Done([d, *files], ConfusionSummary(conf.num_images, conf.accuracy, conf.empty_classes))
 
-        with atomic_path(d / "confusion.npy", suffix=".npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, C)
-        write_json_atomic(d / "classes.json", {"class_names": names, "data_dir": str(data_dir)})
-        return {
-            "confusion": str(d / "confusion.npy"),
-            "heldout_images": int(C.sum()),
-            "accuracy": float(np.trace(C) / max(C.sum(), 1)),
-        }
-
-    def superclasses(self) -> dict[str, Any]:
-        import timm
-
+    def superclasses(self) -> _Done:
+        from .confusion import read_confusion
+        from .files.superclass_map import SUPERCLASSES_JSON
         from .superclasses import find_superclasses
 
-        moe = timm.create_model(self.cfg.moe_model, **model_kwargs(self.train_config("moe")))
-        classes = read_json(self.out / "confusion" / "classes.json")
+        conf = read_confusion(self.out / "confusion")
+        d = self.out / "superclasses"
         res = find_superclasses(
-            self.out / "superclasses",
-            moe.num_experts,  # E experts, one per super-class
-            confusion=self.out / "confusion" / "confusion.npy",
-            class_names=classes["class_names"],
-            data_dir=classes["data_dir"],
+            d,
+            self.num_experts(),  # E experts, one per super-class
+            confusion=conf.counts,
+            class_names=conf.class_names,
+            data_dir=conf.data_dir,
             algorithm=self.cfg.superclass_algorithm,
             seed=self.cfg.seed,
         )
-        return {
-            "file": str(self.superclasses_json),
-            "within_mass": res.within_mass,
-            "ari_vs_truth": res.ari_vs_truth,
-        }
+        json_file = d / SUPERCLASSES_JSON
+        outputs = [d, json_file, d / "superclasses.md", d / "superclasses.png"]
+        return _Done(
+            outputs, SuperclassSummary(str(json_file), res.within_mass, res.ari_vs_truth, res.warnings)
+        )
 
-    def eval(self) -> dict[str, Any]:
+    def eval(self) -> _Done:
         from .evaluate import evaluate
 
-        out = {}
+        s = EvalSummary({}, {}, {})
+        outputs = [self.out / "eval"]
         for which in MODELS:
-            r = evaluate(self.run_dir(which), json_out=self.out / "eval" / f"{which}.json")
-            out[which] = {"top1": r["top1"], "top5": r["top5"], "num_images": r["num_images"]}
-        return out
+            outputs.append(self.out / "eval" / f"{which}.json")
+            r = evaluate(self.run_dir(which), json_out=outputs[-1])
+            s.top1[which], s.top5[which], s.num_images[which] = r["top1"], r["top5"], r["num_images"]
+            log.info("[eval] %s: top-1 %.2f %%", which, 100 * r["top1"])
+        return _Done(outputs, s)
 
     def _artifacts(self) -> list[tuple[str, str, str | None, Path]]:
         """(model, format, quantize, path) of every artifact the export stage makes."""
@@ -287,16 +306,17 @@ class _Pipeline:
                     arts.append((which, fmt, "int8", self.out / "export" / f"{which}_int8.pte"))
         return arts
 
-    def export(self) -> dict[str, Any]:
+    def export(self) -> _Done:
         from .export import VerificationError, export_model
+        from .files.sidecar import sidecar_path
 
-        done: dict[str, Any] = {}
-        failed: dict[str, str] = {}
-        for which, fmt, quant, path in self._artifacts():
-            if path.exists() and Path(f"{path}.json").is_file():
-                done[path.name] = str(path)  # finished before an interruption
+        s = ExportSummary({}, {})
+        arts = self._artifacts()
+        for i, (which, fmt, quant, path) in enumerate(arts, start=1):
+            log.info("[export] %d/%d %s", i, len(arts), path.name)
+            if path.exists() and sidecar_path(path).is_file():
+                s.artifacts[path.name] = str(path)  # finished before an interruption
                 continue
-            log.info("[export] %s -> %s", which, path.name)
             try:
                 export_model(
                     fmt,
@@ -305,26 +325,27 @@ class _Pipeline:
                     quantize=quant,
                     num_verify=self.cfg.num_verify,
                     seed=self.cfg.seed,
+                    verbose=False,
                 )
-                done[path.name] = str(path)
+                s.artifacts[path.name] = str(path)
             except VerificationError as e:
                 # int8 agreement on a small model trained for minutes can miss the bar: reported, not fatal
                 if quant is None:
                     raise
-                failed[path.name] = str(e)
+                s.failed_verification[path.name] = str(e)
                 log.warning("[export] %s failed verification, left out: %s", path.name, e)
-        return {"artifacts": done, "failed_verification": failed}
+        done = [Path(p) for p in s.artifacts.values()]
+        return _Done([self.out / "export", *done, *map(sidecar_path, done)], s)
 
-    def bench(self) -> dict[str, Any]:
+    def bench(self) -> _Done:
         from .bench import bench
 
-        exported = _done(self.out, "export") or {}
+        exported = self.summary("export").artifacts
         images = self._bench_images()
-        results = {}
-        for _which, fmt, _quant, path in self._artifacts():
-            if fmt == "coreml" or path.name not in exported.get("artifacts", {}):
-                continue  # Core ML predicts only on Apple hardware: ios_bench/
-            log.info("[bench] %s", path.name)
+        s = BenchSummary({})
+        todo = [p for _w, fmt, _q, p in self._artifacts() if fmt != "coreml" and p.name in exported]
+        for i, path in enumerate(todo, start=1):  # Core ML predicts only on Apple hardware: ios_bench/
+            log.info("[bench] %d/%d %s", i, len(todo), path.name)
             res = self.out / "bench" / f"{path.name}.json"
             bench(
                 path,
@@ -334,14 +355,14 @@ class _Pipeline:
                 images=images,
                 json_out=res,
             )
-            results[path.name] = str(res)
-        return {"results": results}
+            s.results[path.name] = str(res)
+        return _Done([self.out / "bench", images, *map(Path, s.results.values())], s)
 
     def _bench_images(self) -> Path:
         """One validation image per class (sorted files would feed the benchmark a single class / expert)."""
         from .data import scan_dataset
 
-        data_dir = Path(read_json(_marker(self.out, "data"))["data_dir"])
+        data_dir = Path(self.summary("data").data_dir)
         d = self.out / "bench" / "images"
         if d.is_dir():
             return d
@@ -357,61 +378,36 @@ class _Pipeline:
         tmp.rename(d)
         return d
 
-    def report(self) -> dict[str, Any]:
-        from .report import write_report
+    def report(self) -> _Done:
+        from .report import FILES, write_report
 
         paths = write_report(self.out)
-        return {k: str(v) for k, v in paths.items()}
+        md, html = paths["markdown"], paths["html"]
+        return _Done([md, html, self.out / FILES], ReportSummary(str(md), str(html)))
 
     # ---- driver ------------------------------------------------------------------------------------------
-    def run(self, start: str | None) -> None:
-        out = self.out
-        if self.rank == 0:
-            self._check_config(start)
-        for stage in STAGES:
-            if self.rank != 0 and STAGES.index(stage) > STAGES.index("moe"):
-                return  # eval, export, bench and report are rank 0's
-            marker = _marker(out, stage)
-            if marker.is_file():
-                if self.rank == 0:
-                    log.info("[%s] done before, skipped (%s)", stage, marker)
+    def run_stages(self, first: str | None) -> None:
+        """Rank 0: skip the stages before ``first``, run the rest. Other ranks: follow rank 0's markers."""
+        for i, stage in enumerate(STAGES):
+            if self.rank != 0:
+                if i > STAGES.index("moe"):
+                    return  # eval, export, bench and report are rank 0's
+                if not_done(self.out, stage) is None:
+                    continue
+                if stage in MODELS or stage == "data":
+                    getattr(self, stage)()
+                wait_for(self.out, stage)
                 continue
-            on_all_ranks = stage in MODELS or stage == "data"
-            if self.rank != 0 and not on_all_ranks:
-                _wait_for(marker, f"stage {stage}")
+            if first is None or i < STAGES.index(first):
+                log.info("[%s] done before, skipped", stage)
                 continue
-            if self.rank == 0:
-                log.info("[%s] ...", stage)
+            log.info("[%s] ...", stage)
             t0 = time.perf_counter()
-            result = getattr(self, stage)()
-            if self.rank == 0:
-                result = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2), **result}
-                write_json_atomic(marker, result)
-                log.info("[%s] done in %.1f s", stage, result["seconds"])
-            elif on_all_ranks:
-                _wait_for(marker, f"stage {stage}")
-
-    def _check_config(self, start: str | None) -> None:
-        out = self.out
-        saved = out / "pipeline.yaml"
-        text = dump_yaml(self.cfg)
-        if start is not None:
-            for stage in STAGES[STAGES.index(start) :]:
-                for p in _stage_outputs(out, stage):
-                    _remove(p)
-                _marker(out, stage).unlink(missing_ok=True)
-        elif saved.is_file() and saved.read_text() != text:
-            import yaml
-
-            old = yaml.safe_load(saved.read_text()) or {}
-            new = config_to_dict(self.cfg)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise UserError(
-                f"{saved}: this run was made with another config (differs in {', '.join(diff)}); pass "
-                f"--from STAGE to redo from a stage with the new config, or use another --out"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(saved, text)
+            done: _Done = getattr(self, stage)()
+            seconds = round(time.perf_counter() - t0, 2)
+            rel = [p.relative_to(self.out).as_posix() for p in done.outputs]
+            write_marker(self.out, StageMarker(stage, seconds, rel, asdict(done.summary)))
+            log.info("[%s] done in %.1f s", stage, seconds)
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike[str], start: str | None = None) -> Path:
@@ -420,7 +416,24 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike[str], start: str | 
         raise UserError(f"--from: expected one of {', '.join(STAGES)}, got {start!r}")
     p = _Pipeline(cfg, Path(out).absolute())
     p.check()
-    p.run(start)
+    if p.rank != 0:
+        p.run_stages(None)
+        return p.out
+    if p.out.exists() and not p.out.is_dir():
+        raise UserError(f"--out {p.out}: exists and is not a directory")
+    if not is_pipeline_dir(p.out):
+        if start is not None:
+            raise UserError(
+                f"--from {start}: {p.out} is not a pipeline directory (no {PIPELINE_YAML}); nothing was deleted"
+            )
+        if p.out.is_dir() and any(c.name != LOCK_FILE for c in p.out.iterdir()):
+            raise UserError(
+                f"--out {p.out}: not empty and not a pipeline directory (no {PIPELINE_YAML}); use a new or "
+                f"empty directory"
+            )
+    with locked(p.out):
+        _check_config_change(p.out, cfg, start)
+        p.run_stages(prepare(p.out, cfg, start))
     return p.out
 
 
@@ -430,8 +443,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike[str], start: str | 
 
 
 def _cli(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.config and args.preset:
         raise UserError("pass either --config FILE or --preset NAME, not both")
     cfg = load_pipeline_config(args.config or args.preset or "default", args.overrides)

@@ -1,8 +1,9 @@
 """The pipeline's last stage: OUT/report.md and OUT/report.html (plots in OUT/report_files/).
 
-Everything is read back from the files the earlier stages wrote (stage markers, run directories, eval JSONs,
-super-class map, export sidecars, bench results); no number is computed from anything but those files and
-the checkpoints themselves (for params / FLOPs).
+Everything is read back from the files the earlier stages wrote (stage markers and their summaries through
+mobile_vmoe.pipeline_dir, run directories, eval JSONs, super-class map, export sidecars, bench results); no
+number is computed from anything but those files and the checkpoints themselves (for params / FLOPs). One
+function per report section; a section whose stage has not finished is left out.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .common import atomic_path, read_json, write_text_atomic
+from .common import UserError, atomic_path, read_json, write_text_atomic
 from .data import load_superclass_truth
-from .files.superclass_map import SUPERCLASSES_JSON, read_superclass_map
+from .files.stage_marker import read_marker
+from .files.superclass_map import SUPERCLASSES_JSON, SuperclassMap, read_superclass_map
+from .pipeline_dir import STAGES, read_summary
 
 __all__ = ["write_report"]
 
@@ -141,185 +144,207 @@ def _size(p: Path) -> int:
     return p.stat().st_size
 
 
-def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
-    """Build report.md / report.html for the pipeline directory ``out`` from the files its stages wrote."""
-    import markdown
+class _Run(NamedTuple):
+    """What every section reads: the pipeline directory and its stages' summaries."""
 
-    from .checkpoint import load_model
-    from .models import profile_model
+    out: Path
+    figdir: Path
+    stages: dict[str, Any]  # stage -> its summary record (pipeline_dir), finished stages only
+    seconds: dict[str, float]
+    sc: SuperclassMap | None
 
-    out = Path(out)
-    figdir = out / FILES
-    figdir.mkdir(parents=True, exist_ok=True)
-    stage = {p.stem: read_json(p) for p in sorted((out / "stages").glob("*.json"))}
-    cfg_text = (out / "pipeline.yaml").read_text() if (out / "pipeline.yaml").is_file() else ""
-    data_dir = Path(stage["data"]["data_dir"])
-    ds_meta = read_json(data_dir / "dataset.json") if (data_dir / "dataset.json").is_file() else {}
-    generated = ds_meta.get("name") == "synthetic"
+
+def _read_run(out: Path) -> _Run:
+    stages, seconds = {}, {}
+    for stage in STAGES:
+        m = read_marker(out, stage)
+        if m is not None and (s := read_summary(out, stage)) is not None:
+            stages[stage], seconds[stage] = s, m.seconds
+    if "data" not in stages:
+        raise UserError(f"{out}: the data stage has not finished; nothing to report")
     sc_file = out / "superclasses" / SUPERCLASSES_JSON
     sc = read_superclass_map(sc_file) if sc_file.is_file() else None
-    truth_map = load_superclass_truth(data_dir)
-    truth = truth_map.assignment if truth_map is not None else None
+    return _Run(out, out / FILES, stages, seconds, sc)
 
-    md: list[str] = [f"# Mobile V-MoE pipeline report: {out.name}", ""]
-    if generated:
+
+def _dataset_section(r: _Run) -> list[str]:
+    d = r.stages["data"]
+    data_dir = Path(d.data_dir)
+    ds_meta = read_json(data_dir / "dataset.json") if (data_dir / "dataset.json").is_file() else {}
+    truth = load_superclass_truth(data_dir)
+    heldout = r.stages["confusion"].heldout_images if "confusion" in r.stages else 0
+    md = []
+    if ds_meta.get("name") == "synthetic":
         md += [
             "> **Results on generated data.** The built-in synthetic hierarchical dataset stands in for ImageNet; "
             "these numbers say the pipeline works end to end, not how the method does on ImageNet-1k.",
             "",
         ]
-    # ---- dataset -------------------------------------------------------------------------------------------
-    d = stage["data"]
-    held = (
-        sum(1 for _ in open(out / "dense" / "heldout.txt"))
-        if (out / "dense" / "heldout.txt").is_file()
-        else 0
-    )
+    rows = truth.assignment if truth is not None else (r.sc.assignment if r.sc else None)
     md += ["## Dataset", ""]
     md += [
         f"`{data_dir}`" + (f" ({ds_meta.get('name')}, seed {ds_meta.get('seed')})" if ds_meta else ""),
         "",
         "| classes | train images | of which held out (confusion matrix) | val images |",
         "|---:|---:|---:|---:|",
-        f"| {d['num_classes']} | {d['train']} | {held} | {d['val']} |",
+        f"| {d.num_classes} | {d.train} | {heldout} | {d.val} |",
         "",
-        f"![dataset]({_dataset_grid(data_dir, figdir, truth or (sc.assignment if sc else None))})",
+        f"![dataset]({_dataset_grid(data_dir, r.figdir, rows)})",
         "",
     ]
-    # ---- models --------------------------------------------------------------------------------------------
-    evals = {
-        w: read_json(out / "eval" / f"{w}.json")
-        for w in ("dense", "moe")
-        if (out / "eval" / f"{w}.json").is_file()
-    }
-    md += [
+    return md
+
+
+def _models_section(r: _Run) -> list[str]:
+    from .checkpoint import load_model
+    from .models import profile_model
+
+    md = [
         "## Models",
         "",
         "| | model | routing | params | active params / image | FLOPs / image |",
         "|---|---|---|---:|---:|---:|",
     ]
     for w in ("dense", "moe"):
-        f = out / w / "model.safetensors"
-        if not f.is_file():
+        if w not in r.stages:
             continue
-        m, meta = load_model(f)
+        m, meta = load_model(r.stages[w].model_file)
         p = profile_model(m, (3, *m.patch_embed.img_size))
         kind = f"E={m.num_experts}, K={m.top_k}, last L={m.num_moe_layers} blocks" if m.is_moe else "dense"
         md.append(
             f"| {w} | `{meta.model}` ({meta.model_kwargs.get('depth', 12)} blocks) | {kind} | {p.params / 1e6:.3f} M "
             f"| {p.active_params / 1e6:.3f} M | {p.flops / 1e6:.2f} M |"
         )
-    md.append("")
-    # ---- accuracy ------------------------------------------------------------------------------------------
-    if evals:
-        md += ["## Accuracy", "", "| | top-1 | top-5 | images |", "|---|---:|---:|---:|"]
-        for w, ev in evals.items():
-            md.append(f"| {w} | {_pct(ev['top1'])} | {_pct(ev['top5'])} | {ev['num_images']} |")
-        if len(evals) == 2:
-            delta = 100 * (evals["moe"]["top1"] - evals["dense"]["top1"])
-            md += ["", f"MoE − dense top-1: **{delta:+.2f} points** at (nearly) equal FLOPs per image."]
-        plot = _accuracy_plot({w: _epochs(out / w) for w in ("dense", "moe")}, figdir)
-        md += ["", f"![accuracy]({plot})" if plot else "", ""]
-    # ---- super-classes -------------------------------------------------------------------------------------
-    if sc:
-        md += ["## Super-classes", ""]
-        md += [
-            f"{sc.num_superclasses} super-classes of sizes {sc.sizes} from the dense model's "
-            f"held-out confusion matrix ({stage.get('confusion', {}).get('heldout_images', '?')} images), "
-            f"algorithm `{sc.algorithm}`; {_pct(sc.within_mass)} of the off-diagonal confusion "
-            "falls within a super-class.",
-        ]
-        md += [f"Warning: {w}" for w in sc.warnings]
-        if sc.ari_vs_truth is not None:
-            md.append(
-                f"Agreement with the generator's true super-classes: adjusted Rand index **{sc.ari_vs_truth:.3f}**."
-            )
-        md += ["", "![super-classes](superclasses/superclasses.png)", "", "Classes of each super-class: "
-               "[superclasses/superclasses.md](superclasses/superclasses.md)", ""]  # fmt: skip
-    # ---- routing -------------------------------------------------------------------------------------------
-    ev = evals.get("moe")
-    if ev and ev.get("class_expert_counts"):
-        md += ["## Routing", ""]
-        if ev.get("router_accuracy") is not None:
-            md.append(
-                f"Router accuracy against the super-classes (validation): **{_pct(ev['router_accuracy'])}**."
-            )
-        acc = ", ".join(f"{e}: {_pct(a)}" for e, a in enumerate(ev["expert_accuracy"]))
-        md += [f"Top-1 of the images each expert was chosen for: {acc}.", ""]
-        md += [f"![routing]({_routing_plot(ev, sc.assignment if sc else None, figdir)})", ""]
-    # ---- latency and artifacts -----------------------------------------------------------------------------
-    rows = []
-    for res in sorted((out / "bench").glob("*.json")):
+    return [*md, ""]
+
+
+def _accuracy_section(r: _Run, evals: dict[str, dict[str, Any]]) -> list[str]:
+    if not evals:
+        return []
+    md = ["## Accuracy", "", "| | top-1 | top-5 | images |", "|---|---:|---:|---:|"]
+    for w, ev in evals.items():
+        md.append(f"| {w} | {_pct(ev['top1'])} | {_pct(ev['top5'])} | {ev['num_images']} |")
+    if len(evals) == 2:
+        delta = 100 * (evals["moe"]["top1"] - evals["dense"]["top1"])
+        md += ["", f"MoE − dense top-1: **{delta:+.2f} points** at (nearly) equal FLOPs per image."]
+    plot = _accuracy_plot({w: _epochs(r.out / w) for w in ("dense", "moe")}, r.figdir)
+    return [*md, "", f"![accuracy]({plot})" if plot else "", ""]
+
+
+def _superclass_section(r: _Run) -> list[str]:
+    sc = r.sc
+    if sc is None:
+        return []
+    heldout = r.stages["confusion"].heldout_images if "confusion" in r.stages else "?"
+    md = [
+        "## Super-classes",
+        "",
+        f"{sc.num_superclasses} super-classes of sizes {sc.sizes} from the dense model's held-out confusion "
+        f"matrix ({heldout} images), algorithm `{sc.algorithm}`; {_pct(sc.within_mass)} of the off-diagonal "
+        "confusion falls within a super-class.",
+    ]
+    md += ["", *(f"> **Warning:** {w}" for w in sc.warnings), ""] if sc.warnings else []
+    if sc.ari_vs_truth is not None:
+        md.append(
+            f"Agreement with the generator's true super-classes: adjusted Rand index **{sc.ari_vs_truth:.3f}**."
+        )
+    md += ["", "![super-classes](superclasses/superclasses.png)", "", "Classes of each super-class: "
+           "[superclasses/superclasses.md](superclasses/superclasses.md)", ""]  # fmt: skip
+    return md
+
+
+def _routing_section(r: _Run, ev: dict[str, Any] | None) -> list[str]:
+    if not ev or not ev.get("class_expert_counts"):
+        return []
+    md = ["## Routing", ""]
+    if ev.get("router_accuracy") is not None:
+        md.append(
+            f"Router accuracy against the super-classes (validation): **{_pct(ev['router_accuracy'])}**."
+        )
+    acc = ", ".join(f"{e}: {_pct(a)}" for e, a in enumerate(ev["expert_accuracy"]))
+    md += [f"Top-1 of the images each expert was chosen for: {acc}.", ""]
+    return [*md, f"![routing]({_routing_plot(ev, r.sc.assignment if r.sc else None, r.figdir)})", ""]
+
+
+def _latency_section(r: _Run) -> list[str]:
+    if "bench" not in r.stages:
+        return []
+    rows, device = [], ""
+    for name, res in sorted(r.stages["bench"].results.items()):
         doc = read_json(res)
         s = doc["stats"]
+        device = doc["device"]["model"]
         rows.append({
-            "artifact": res.name[: -len(".json")], "runtime": f"{doc['runtime']['name']} {doc['runtime']['version']}",
+            "artifact": name, "runtime": f"{doc['runtime']['name']} {doc['runtime']['version']}",
             "backend": doc["backend"]["name"], "precision": doc.get("precision") or "n/a",
             "p50": s["p50"], "p90": s["p90"], "n": s["count"],
         })  # fmt: skip
-    if rows:
-        md += [
-            "## Host latency (batch 1)",
-            "",
-            f"Device: {read_json(next((out / 'bench').glob('*.json')))['device']['model']}.",
-            "",
-        ]
-        md += [
-            "| artifact | runtime | backend | precision | runs | p50 ms | p90 ms |",
-            "|---|---|---|---|---:|---:|---:|",
-        ]
-        for r in rows:
-            md.append(
-                f"| {r['artifact']} | {r['runtime']} | {r['backend']} | {r['precision']} | {r['n']} | {r['p50']:.3f} | {r['p90']:.3f} |"
-            )
-        by = {r["artifact"]: r for r in rows}
-        ratios = [
-            f"{a.replace('dense', '')}: {by[a.replace('dense', 'moe')]['p50'] / by[a]['p50']:.3f}"
-            for a in by
-            if a.startswith("dense") and a.replace("dense", "moe") in by
-        ]
-        if ratios:
-            md += ["", "MoE / dense p50 latency per artifact kind — " + ", ".join(ratios) + "."]
-        md += ["", f"![latency]({_latency_plot(rows, figdir)})", ""]
-    arts = sorted(p for p in (out / "export").glob("*") if p.suffix in (".pte", ".onnx", ".mlpackage"))
-    if arts:
-        md += ["## Artifacts", "", "| file | size | precision | verified on | images | max abs diff | top-1 agreement |",
-               "|---|---:|---|---|---:|---:|---:|"]  # fmt: skip
-        for a in arts:
-            side = read_json(a.with_name(a.name + ".json")) if a.with_name(a.name + ".json").is_file() else {}
-            par = side.get("parity", {})
-            where = par.get("runtime") or par.get("status", "")
-            if a.suffix == ".mlpackage" and side.get("mil_structure"):
-                where = "MIL structure checked here; numerics pending on macOS"
-            diff = par.get("max_abs_diff")
-            md.append(
-                f"| `export/{a.name}` | {_size(a) / 1e6:.2f} MB | {side.get('precision', '?')} | {where} | "
-                f"{par.get('n_images', 0)} | {'' if diff is None else f'{diff:.2e}'} | {_pct(par.get('top1_agreement')) if par.get('top1_agreement') is not None else ''} |"
-            )
-        failed = stage.get("export", {}).get("failed_verification") or {}
-        for name, why in failed.items():
-            md.append(f"\n`{name}` was not written: {why}")
-        md.append("")
-    # ---- provenance ----------------------------------------------------------------------------------------
-    md += ["## Stages", "", "| stage | seconds |", "|---|---:|"]
-    md += [f"| {k} | {v.get('seconds', '')} |" for k, v in stage.items() if k != "report"]
-    md += ["", "Every number above was read from the files of this run directory.", ""]
-    if cfg_text:
-        md += [
-            "<details><summary>pipeline.yaml</summary>",
-            "",
-            "```yaml",
-            cfg_text.rstrip(),
-            "```",
-            "",
-            "</details>",
-            "",
-        ]
+    if not rows:
+        return []
+    md = ["## Host latency (batch 1)", "", f"Device: {device}.", ""]
+    md += [
+        "| artifact | runtime | backend | precision | runs | p50 ms | p90 ms |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        md.append(
+            f"| {row['artifact']} | {row['runtime']} | {row['backend']} | {row['precision']} | {row['n']} | "
+            f"{row['p50']:.3f} | {row['p90']:.3f} |"
+        )
+    by = {row["artifact"]: row for row in rows}
+    ratios = [
+        f"{a.replace('dense', '')}: {by[a.replace('dense', 'moe')]['p50'] / by[a]['p50']:.3f}"
+        for a in by
+        if a.startswith("dense") and a.replace("dense", "moe") in by
+    ]
+    if ratios:
+        md += ["", "MoE / dense p50 latency per artifact kind — " + ", ".join(ratios) + "."]
+    return [*md, "", f"![latency]({_latency_plot(rows, r.figdir)})", ""]
 
-    text = "\n".join(md)
-    md_path, html_path = out / "report.md", out / "report.html"
+
+def _artifacts_section(r: _Run) -> list[str]:
+    from .files.sidecar import find_sidecar
+
+    if "export" not in r.stages:
+        return []
+    exp = r.stages["export"]
+    md = ["## Artifacts", "", "| file | size | precision | verified on | images | max abs diff | top-1 agreement |",
+          "|---|---:|---|---|---:|---:|---:|"]  # fmt: skip
+    for name, path in sorted(exp.artifacts.items()):
+        a = Path(path)
+        _, side = find_sidecar(a)
+        details = side.details if side is not None else {}
+        par = details.get("parity", {})
+        where = par.get("runtime") or par.get("status", "")
+        if a.suffix == ".mlpackage" and details.get("mil_structure"):
+            where = "MIL structure checked here; numerics pending on macOS"
+        diff, agree = par.get("max_abs_diff"), par.get("top1_agreement")
+        md.append(
+            f"| `export/{name}` | {_size(a) / 1e6:.2f} MB | {side.precision if side else '?'} | {where} | "
+            f"{par.get('n_images', 0)} | {'' if diff is None else f'{diff:.2e}'} | "
+            f"{'' if agree is None else _pct(agree)} |"
+        )
+    for name, why in exp.failed_verification.items():
+        md.append(f"\n`{name}` was not written: {why}")
+    return [*md, ""]
+
+
+def _provenance_section(r: _Run) -> list[str]:
+    md = ["## Stages", "", "| stage | seconds |", "|---|---:|"]
+    md += [f"| {k} | {v} |" for k, v in r.seconds.items() if k != "report"]
+    md += ["", "Every number above was read from the files of this run directory.", ""]
+    cfg = r.out / "pipeline.yaml"
+    if cfg.is_file():
+        md += ["<details><summary>pipeline.yaml</summary>", "", "```yaml", cfg.read_text().rstrip(), "```", "",
+               "</details>", ""]  # fmt: skip
+    return md
+
+
+def _html(text: str) -> str:
+    import markdown
+
     body = markdown.markdown(text, extensions=["tables", "fenced_code"])
-    html = (
+    return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Mobile V-MoE report</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
@@ -327,6 +352,28 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
         + body
         + "</body></html>"
     )
+
+
+def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Build report.md / report.html for the pipeline directory ``out`` from the files its stages wrote."""
+    r = _read_run(Path(out))
+    r.figdir.mkdir(parents=True, exist_ok=True)
+    evals = {
+        w: read_json(r.out / "eval" / f"{w}.json")
+        for w in ("dense", "moe")
+        if "eval" in r.stages and (r.out / "eval" / f"{w}.json").is_file()
+    }
+    md = [f"# Mobile V-MoE pipeline report: {r.out.name}", ""]
+    md += _dataset_section(r)
+    md += _models_section(r)
+    md += _accuracy_section(r, evals)
+    md += _superclass_section(r)
+    md += _routing_section(r, evals.get("moe"))
+    md += _latency_section(r)
+    md += _artifacts_section(r)
+    md += _provenance_section(r)
+    text = "\n".join(md)
+    md_path, html_path = r.out / "report.md", r.out / "report.html"
     write_text_atomic(md_path, text)
-    write_text_atomic(html_path, html)
+    write_text_atomic(html_path, _html(text))
     return {"markdown": md_path, "html": html_path}

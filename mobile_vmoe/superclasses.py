@@ -14,8 +14,7 @@ confused (or all-zero rows) still get a valid assignment.
 Algorithms (``--algorithm``), each followed by the same balancing step:
   spectral           (default) sklearn SpectralClustering on the precomputed affinity. It minimises a
                      normalised cut, which penalises unbalanced groups, takes E directly (modularity methods
-                     pick their own number of groups), and needs one sparse eigen-decomposition: 1000 classes
-                     take about a second. It recovered planted partitions best in tests/test_superclasses.py.
+                     pick their own number of groups), and needs one sparse eigen-decomposition.
   louvain            networkx louvain_communities, then merged / split to exactly E groups.
   greedy_modularity  networkx greedy_modularity_communities(cutoff=best_n=E); slow beyond a few hundred classes.
   kernighan_lin      recursive networkx kernighan_lin_bisection with sized initial halves (sizes preserved).
@@ -24,15 +23,17 @@ by a min-cost assignment (scipy linear_sum_assignment, cost = -mean affinity of 
 the classes least attached to an oversized cluster are the ones that move; repeated while it raises the
 within-cluster affinity.
 
+A class without held-out images (an all-zero confusion row) still lands in a super-class, and an all-zero or
+diagonal matrix still gives a balanced partition, an arbitrary one: both are warned about in the log and in
+``SuperclassMap.warnings`` (superclasses.json and .md).
+
 Outputs in --out: superclasses.json (docs/FILES.md), superclasses.png, superclasses.md and, with --checkpoint,
-confusion.npy + confusion.csv.
+the confusion matrix (confusion.npy / .csv / classes.json, mobile_vmoe.confusion).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
 import os
@@ -44,11 +45,19 @@ import networkx as nx
 import numpy as np
 
 from .common import UserError, atomic_path, write_text_atomic
+from .confusion import Confusion, check_counts, heldout_confusion, load_counts, write_confusion
 from .files.superclass_map import SUPERCLASSES_JSON, SuperclassMap, write_superclass_map
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "confusion_graph", "find_superclasses", "partition_confusion"]
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_ALGORITHM",
+    "confusion_graph",
+    "confusion_warnings",
+    "find_superclasses",
+    "partition_confusion",
+]
 
 ALGORITHMS = ("spectral", "louvain", "greedy_modularity", "kernighan_lin")
 DEFAULT_ALGORITHM = "spectral"
@@ -61,43 +70,13 @@ MAX_BALANCE_ROUNDS = 20
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_confusion(C: Any, what: str = "confusion matrix") -> np.ndarray:
-    """A finite, non-negative, numeric square matrix as float64, else UserError naming ``what``."""
-    C = np.asarray(C)
-    if C.dtype.kind not in "iuf":
-        raise UserError(f"{what}: expected a numeric (integer or float) matrix, got dtype {C.dtype}")
-    if C.ndim != 2 or C.shape[0] != C.shape[1] or C.shape[0] == 0:
-        raise UserError(f"{what}: expected a square N x N matrix (rows = true class), got shape {C.shape}")
-    C = C.astype(np.float64)
-    if not np.isfinite(C).all():
-        raise UserError(f"{what}: holds NaN or infinite values")
-    if (C < 0).any():
-        raise UserError(f"{what}: holds negative counts (e.g. {C.min():g}); expected counts >= 0")
-    return C
-
-
-def _check_num_superclasses(num_superclasses: Any, n: int) -> int:
-    if isinstance(num_superclasses, bool) or not isinstance(num_superclasses, (int, np.integer)):
-        raise UserError(f"num_superclasses: expected an integer, got {num_superclasses!r}")
-    if not 1 <= num_superclasses <= n:
-        raise UserError(
-            f"num_superclasses: must be between 1 and the number of classes N={n}, got {num_superclasses}"
-        )
+def _check_num_superclasses(num_superclasses: Any, n: int | None = None) -> int:
+    """E must be an integer in [1, n]; with n None (classes not known yet) only its type and E >= 1."""
+    ok = not isinstance(num_superclasses, bool) and isinstance(num_superclasses, (int, np.integer))
+    if not ok or num_superclasses < 1 or (n is not None and num_superclasses > n):
+        classes = "number of classes" + ("" if n is None else f" = {n}")
+        raise UserError(f"--num-superclasses must be an integer in [1, {classes}], got {num_superclasses!r}")
     return int(num_superclasses)
-
-
-def load_confusion(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an N x N count matrix from a .npy file (no pickles)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--confusion: file not found: {p}")
-    try:
-        C = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"--confusion {p}: not a readable numeric .npy file ({e})") from None
-    if not isinstance(C, np.ndarray):  # an .npz archive
-        raise UserError(f"--confusion {p}: expected a single .npy array, got an archive")
-    return _check_confusion(C, f"--confusion {p}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,36 +94,9 @@ def _affinity(C: np.ndarray, normalize: bool) -> np.ndarray:
     return P + P.T
 
 
-def planted_confusion(
-    sizes: Sequence[int],
-    seed: int = 0,
-    within: float = 0.25,
-    between: float = 0.15,
-    lo: int = 20,
-    hi: int = 60,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic confusion matrix with known super-classes (for tests and benchmarks): (C [N, N], truth [N]).
-
-    Counts from a planted partition: each class keeps 1 - within - between of its images, loses `within` to
-    its own group and `between` to the other groups (random spreads); random class frequencies, shuffled order."""
-    rng = np.random.default_rng(seed)
-    truth = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(sum(sizes))]
-    n = len(truth)
-    C = np.zeros((n, n), dtype=np.int64)
-    for i in range(n):
-        same = np.flatnonzero((truth == truth[i]) & (np.arange(n) != i))
-        other = np.flatnonzero(truth != truth[i])
-        p = np.zeros(n)
-        p[i] = 1 - within - between
-        p[same] = within * rng.dirichlet(np.ones(len(same)))
-        p[other] = between * rng.dirichlet(np.ones(len(other)))
-        C[i] = rng.multinomial(rng.integers(lo, hi + 1), p)
-    return C, truth
-
-
 def confusion_graph(C: np.ndarray, normalize: bool = True) -> nx.Graph:
     """Confusion graph: nodes 0..N-1 (classes), edge weight = symmetrised, optionally row-normalised confusion."""
-    return nx.from_numpy_array(_affinity(_check_confusion(C), normalize))
+    return nx.from_numpy_array(_affinity(check_counts(C), normalize))
 
 
 def _with_epsilon(A: np.ndarray) -> np.ndarray:
@@ -288,7 +240,7 @@ def partition_confusion(
     Returns int64 [N] with values 0..E-1, sizes floor(N/E) or ceil(N/E), numbered in order of each super-class's
     first class. Deterministic for a fixed seed.
     """
-    C = _check_confusion(C)
+    C = check_counts(C)
     n = C.shape[0]
     k = _check_num_superclasses(num_superclasses, n)
     if algorithm not in ALGORITHMS:
@@ -342,96 +294,32 @@ def within_mass(C: np.ndarray, assignment: np.ndarray) -> float | None:
     return float(off[a[:, None] == a[None, :]].sum() / total)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Confusion matrix from a dense checkpoint
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def heldout_confusion(
-    checkpoint: str | os.PathLike[str],
-    data_dir: str | os.PathLike[str] | None = None,
-    batch_size: int = 256,
-    num_workers: int = 0,
-) -> tuple[np.ndarray, list[str], Path]:
-    """Run the dense model on its held-out split: ``(C [N, N] counts, class_names, data_dir)``."""
-    import torch
-    from sklearn.metrics import confusion_matrix
-
-    from .checkpoint import load_model, resolve_model_file
-    from .data import ImageListDataset, collate_skip_bad
-    from .files.file_list import read_file_list
-
-    ckpt_file = resolve_model_file(checkpoint)
-    model, meta = load_model(ckpt_file, expect_moe=False)
-    if data_dir is None:
-        if not meta.train.data_dir:
-            raise UserError(f"{ckpt_file}: metadata train.data_dir is missing; pass --data DIR")
-        data_dir = meta.train.data_dir
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(
-            f"dataset directory not found: {data_dir} (from --data or the dataset the checkpoint was trained on)"
+def confusion_warnings(C: np.ndarray, class_names: Sequence[str], num_superclasses: int) -> list[str]:
+    """What a partition of ``C`` cannot vouch for: classes without held-out images, a matrix with no confusions."""
+    C = np.asarray(C)
+    n = C.shape[0]
+    if num_superclasses in (1, n):
+        return []  # one super-class, or one per class: nothing was chosen
+    if not C.any():
+        return ["the confusion matrix is all zero (no held-out image was classified): the super-classes are an "
+                "arbitrary balanced partition"]  # fmt: skip
+    out = []
+    empty = [class_names[i] for i in np.flatnonzero(C.sum(axis=1) == 0)]
+    if empty:
+        shown = ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else "")
+        out.append(
+            f"{len(empty)} class(es) had no held-out images (too few images to hold any out, or unreadable), "
+            f"so their super-class rests on little or no evidence: {shown}"
         )
-    if not meta.train.heldout_list or not Path(meta.train.heldout_list).is_file():
-        raise UserError(
-            f"{ckpt_file}: held-out list not found ({meta.train.heldout_list}); the super-class stage needs "
-            f"the held-out split written by training"
-        )
-    samples = read_file_list(meta.train.heldout_list, data_dir)
-    names = list(meta.class_names) or [f"class_{i}" for i in range(model.num_classes)]
-    n = len(names)
-    if n != model.num_classes:
-        raise UserError(f"{ckpt_file}: {n} class_names but the model has {model.num_classes} outputs")
-    if not samples:
-        raise UserError(f"{ckpt_file}: the held-out list is empty")
-    bad = [s for s in samples if s.target >= n]
-    if bad:
-        raise UserError(
-            f"held-out list: class index {bad[0].target} ({bad[0].path}) >= number of classes {n}"
-        )
-
-    loader = torch.utils.data.DataLoader(
-        ImageListDataset(data_dir, samples, meta.preprocess.transform()),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skip_bad,
-    )
-    y_true, y_pred, skipped = [], [], 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.eval().to(device)
-    with torch.inference_mode():
-        for images, targets, n_bad in loader:
-            skipped += n_bad
-            if len(targets) == 0:
-                continue
-            y_pred.append(model(images.to(device)).argmax(dim=1).cpu().numpy())
-            y_true.append(targets.numpy())
-    if skipped:
-        log.warning("skipped %d unreadable held-out image(s)", skipped)
-    if not y_true:
-        raise UserError(f"none of the {len(samples)} held-out images could be read under {data_dir}")
-    yt, yp = np.concatenate(y_true), np.concatenate(y_pred)
-    C = confusion_matrix(yt, yp, labels=list(range(n)))
-    log.info("held-out accuracy %.4f on %d images", float((yt == yp).mean()), len(yt))
-    return C, names, data_dir
+    if not (C - np.diag(np.diag(C))).any():
+        out.append("no held-out image was misclassified (the confusion matrix is diagonal): the super-classes "
+                   "are an arbitrary balanced partition")  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _write_confusion(out_dir: Path, C: np.ndarray, names: list[str]) -> None:
-    with atomic_path(out_dir / "confusion.npy", suffix=".npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, C, allow_pickle=False)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["true \\ predicted", *names])
-    for name, row in zip(names, C):
-        w.writerow([name, *(int(v) if float(v).is_integer() else float(v) for v in row)])
-    write_text_atomic(out_dir / "confusion.csv", buf.getvalue())
 
 
 def _write_plot(path: Path, C: np.ndarray, assignment: np.ndarray, names: list[str], title: str) -> None:
@@ -475,6 +363,8 @@ def _markdown(result: SuperclassMap) -> str:
         + (f"; ARI vs truth: {result.ari_vs_truth:.3f}" if result.ari_vs_truth is not None else "")
         + ".",
     ]
+    if result.warnings:
+        lines += ["", *(f"> **Warning:** {w}" for w in result.warnings)]
     for s in range(result.num_superclasses):
         members = [names[i] for i in range(len(names)) if a[i] == s]
         lines += ["", f"## Super-class {s} ({len(members)} classes)", ""]
@@ -504,6 +394,56 @@ def _truth_ari(data_dir: Path, names: list[str], assignment: np.ndarray) -> floa
     return float(adjusted_rand_score(t, assignment))
 
 
+def _source(
+    num_superclasses: int,
+    checkpoint: str | os.PathLike[str] | None,
+    data_dir: str | os.PathLike[str] | None,
+    confusion: str | os.PathLike[str] | np.ndarray | None,
+    class_names: Sequence[str] | None,
+    batch_size: int,
+) -> Confusion:
+    """The confusion matrix to partition: a given one (path or array) or the checkpoint's held-out one."""
+    if confusion is None:
+        from .checkpoint import read_meta
+
+        n_meta = len(read_meta(checkpoint).class_names)  # E checked before the model runs
+        _check_num_superclasses(num_superclasses, n_meta or None)
+        conf = heldout_confusion(checkpoint, data_dir, batch_size=batch_size)
+        _check_num_superclasses(num_superclasses, len(conf.class_names))
+        return conf
+    if isinstance(confusion, (str, os.PathLike)):
+        C = load_counts(confusion, "--confusion")
+    else:
+        C = check_counts(confusion)
+    n = C.shape[0]
+    _check_num_superclasses(num_superclasses, n)
+    names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(n)]
+    if len(names) != n:
+        raise UserError(f"class_names: {len(names)} names for a {n} x {n} matrix")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"--data: dataset directory not found: {data_dir}")
+    if class_names is None and data_dir is not None:
+        from .data import load_superclass_truth
+
+        truth = load_superclass_truth(data_dir)
+        if truth is not None and len(truth.class_names) == n:
+            names = list(truth.class_names)
+    return Confusion(C, names, Path(data_dir) if data_dir is not None else None)
+
+
+def _write_outputs(out_dir: Path, conf: Confusion, result: SuperclassMap, with_confusion: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if with_confusion:
+        write_confusion(out_dir, conf)
+    title = f"{result.num_superclasses} super-classes ({result.algorithm})" + (
+        f", ARI vs truth {result.ari_vs_truth:.3f}" if result.ari_vs_truth is not None else ""
+    )
+    assignment = np.asarray(result.assignment)
+    _write_plot(out_dir / "superclasses.png", conf.counts, assignment, conf.class_names, title)
+    write_text_atomic(out_dir / "superclasses.md", _markdown(result))
+    write_superclass_map(out_dir / SUPERCLASSES_JSON, result)  # last: its presence means the stage finished
+
+
 def find_superclasses(
     out_dir: str | os.PathLike[str],
     num_superclasses: int,
@@ -517,7 +457,7 @@ def find_superclasses(
     normalize: bool = True,
     batch_size: int = 256,
 ) -> SuperclassMap:
-    """Discover super-classes and write superclasses.json / .png / .md (and confusion.npy / .csv) to out_dir.
+    """Discover super-classes and write superclasses.json / .png / .md (and the confusion matrix) to out_dir.
 
     Give either ``checkpoint`` (a dense model; its held-out split is run to get the confusion matrix) or
     ``confusion`` (an N x N count matrix or a .npy path). ``data_dir`` overrides the checkpoint's dataset
@@ -529,63 +469,28 @@ def find_superclasses(
         )
     if algorithm not in ALGORITHMS:
         raise UserError(f"--algorithm: expected one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    _check_num_superclasses(num_superclasses, 1 << 62)  # type and >= 1 before any work
+    k = _check_num_superclasses(num_superclasses)  # type and >= 1 before any work
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: exists and is not a directory")
+    conf = _source(k, checkpoint, data_dir, confusion, class_names, batch_size)
 
-    if confusion is not None:
-        C = (
-            load_confusion(confusion)
-            if isinstance(confusion, (str, os.PathLike))
-            else _check_confusion(confusion)
-        )
-        _check_num_superclasses(num_superclasses, C.shape[0])
-        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(C.shape[0])]
-        if len(names) != C.shape[0]:
-            raise UserError(f"class_names: {len(names)} names for a {C.shape[0]} x {C.shape[0]} matrix")
-        if data_dir is not None and not Path(data_dir).is_dir():
-            raise UserError(f"--data: dataset directory not found: {data_dir}")
-        if class_names is None and data_dir is not None:
-            from .data import load_superclass_truth
-
-            truth = load_superclass_truth(data_dir)
-            if truth is not None and len(truth.class_names) == C.shape[0]:
-                names = list(truth.class_names)
-        write_conf = False
-    else:
-        from .checkpoint import read_meta
-
-        n_meta = len(read_meta(checkpoint).class_names)
-        if n_meta:
-            _check_num_superclasses(num_superclasses, n_meta)
-        C, names, data_dir = heldout_confusion(checkpoint, data_dir, batch_size=batch_size)
-        C = np.asarray(C)
-        write_conf = True
-
-    assignment = partition_confusion(C, num_superclasses, algorithm=algorithm, seed=seed, normalize=normalize)
-    k = int(num_superclasses)
+    assignment = partition_confusion(conf.counts, k, algorithm=algorithm, seed=seed, normalize=normalize)
     result = SuperclassMap(
         assignment=[int(a) for a in assignment],
-        class_names=names,
+        class_names=conf.class_names,
         algorithm=algorithm,
         params={"seed": seed, "normalize": normalize, "epsilon": EPSILON, "balance": "linear_sum_assignment"},
-        within_mass=within_mass(C, assignment),
+        within_mass=within_mass(conf.counts, assignment),
+        warnings=confusion_warnings(conf.counts, conf.class_names, k),
     )
+    for w in result.warnings:
+        log.warning("super-classes: %s", w)
     if checkpoint is not None:
         result.params["checkpoint"] = str(checkpoint)
-    if data_dir is not None:
-        result.ari_vs_truth = _truth_ari(Path(data_dir), names, assignment)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if write_conf:
-        _write_confusion(out_dir, C, names)
-    title = f"{k} super-classes ({algorithm})" + (
-        f", ARI vs truth {result.ari_vs_truth:.3f}" if result.ari_vs_truth is not None else ""
-    )
-    _write_plot(out_dir / "superclasses.png", C, assignment, names, title)
-    write_text_atomic(out_dir / "superclasses.md", _markdown(result))
-    write_superclass_map(out_dir / SUPERCLASSES_JSON, result)  # last: its presence means the stage finished
+    if conf.data_dir is not None:
+        result.ari_vs_truth = _truth_ari(conf.data_dir, conf.class_names, assignment)
+    _write_outputs(out_dir, conf, result, with_confusion=checkpoint is not None)
     return result
 
 
@@ -595,7 +500,6 @@ def find_superclasses(
 
 
 def _cli(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = find_superclasses(
         args.out,
         args.num_superclasses,
@@ -614,6 +518,8 @@ def _cli(args: argparse.Namespace) -> int:
     if res.ari_vs_truth is not None:
         msg += f", ARI vs truth {res.ari_vs_truth:.3f}"
     print(msg)
+    for w in res.warnings:
+        print(f"warning: {w}")
     return 0
 
 
@@ -627,7 +533,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--checkpoint", help="dense model (.safetensors or run dir); its held-out split is evaluated"
     )
     src.add_argument("--confusion", help="N x N count matrix (.npy; rows = true class, columns = predicted)")
-    p.add_argument("--data", default=None, help="dataset dir (default: the checkpoint's extra.data_dir)")
+    p.add_argument(
+        "--data", default=None, help="dataset dir (default: the dataset the checkpoint was trained on)"
+    )
     p.add_argument("--num-superclasses", "-E", type=int, required=True, help="E, the number of super-classes")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(

@@ -1,32 +1,44 @@
-"""The pipeline verb end to end on the quick preset: every stage, the report, skipping finished stages,
-continuing an interrupted training, ``--from``, and config errors before any stage runs."""
+"""The pipeline verb: every stage end to end (built-in data, and a user's ImageFolder with the quick preset),
+the report, skipping finished stages, redoing stages whose outputs are gone, continuing an interrupted training,
+``--from`` (validated before anything is deleted), the lock, and config errors before any stage runs."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+from fixtures import image_folder
 
 from mobile_vmoe.bench import validate_result
 from mobile_vmoe.common import UserError
-from mobile_vmoe.config import list_presets
+from mobile_vmoe.config import dump_yaml, list_presets
 from mobile_vmoe.files.sidecar import read_sidecar
-from mobile_vmoe.pipeline import STAGES, load_pipeline_config, run_pipeline
+from mobile_vmoe.files.stage_marker import StageMarker, read_marker, write_marker
+from mobile_vmoe.files.superclass_map import read_superclass_map
+from mobile_vmoe.pipeline import FIRST_STAGE, STAGES, PipelineConfig, load_pipeline_config, run_pipeline
+from mobile_vmoe.pipeline_dir import read_summary
+
+
+def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mobile_vmoe.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path, caplog):
     out = tmp_path / "quick"
-    cmd = [sys.executable, "-m", "mobile_vmoe.cli", "pipeline", "--preset", "quick", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = _cli("pipeline", "--preset", "quick", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report: {out / 'report.md'}" in done.stdout
 
-    markers = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in STAGES}
-    assert markers["superclasses"]["ari_vs_truth"] is not None
+    assert read_summary(out, "superclasses").ari_vs_truth is not None
     for which in ("dense", "moe"):
         assert (out / which / "model.safetensors").is_file()
         ev = json.loads((out / "eval" / f"{which}.json").read_text())
@@ -36,9 +48,9 @@ def test_quick_pipeline_end_to_end(tmp_path, caplog):
             assert (out / "export" / name).exists() and sc.checkpoint.startswith(str(out / which))
         for name in (f"{which}.pte", f"{which}.onnx"):
             validate_result(json.loads((out / "bench" / f"{name}.json").read_text()), name)
-    sc = json.loads((out / "superclasses" / "superclasses.json").read_text())
+    sc = read_superclass_map(out / "superclasses" / "superclasses.json")
     moe_cfg = (out / "moe" / "config.yaml").read_text()
-    assert str(out / "superclasses" / "superclasses.json") in moe_cfg and len(sc["assignment"]) == 9
+    assert str(out / "superclasses" / "superclasses.json") in moe_cfg and len(sc.assignment) == 9
 
     md = (out / "report.md").read_text()
     for section in ("Results on generated data", "## Dataset", "## Models", "## Accuracy", "## Super-classes",
@@ -72,12 +84,147 @@ def test_quick_pipeline_end_to_end(tmp_path, caplog):
     # --from redoes that stage and the later ones, with a changed config
     report_mtime = (out / "report.md").stat().st_mtime_ns
     changed = load_pipeline_config("quick", ["bench_iterations=3"])
-    with pytest.raises(UserError, match="differs in bench_iterations"):
+    with pytest.raises(UserError, match=r"differs in bench_iterations\); pass --from bench"):
         run_pipeline(changed, out)
     run_pipeline(changed, out, "bench")
     assert json.loads((out / "bench" / "dense.pte.json").read_text())["stats"]["count"] == 3
     assert (out / "report.md").stat().st_mtime_ns != report_mtime
     assert (out / "dense" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A user's ImageFolder with the quick preset: one run shared by the tests below, in this order
+# ---------------------------------------------------------------------------------------------------------------
+
+USER_OVERRIDES = ["formats=[onnx]"]  # one export format: the data handling is what is tested here
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """``pipeline --preset quick --data DIR``: 4 classes, "dog" with one training image (none can be held out)."""
+    root = tmp_path_factory.mktemp("user")
+    data = image_folder(
+        root / "photos", train={"ant": 8, "bee": 8, "cat": 8, "dog": 1}, val={"ant": 2, "bee": 2, "cat": 2}
+    )
+    out = root / "out"
+    t0 = time.perf_counter()
+    done = _cli("pipeline", "--preset", "quick", "--data", data, "--out", out, *USER_OVERRIDES)
+    return out, data, done, time.perf_counter() - t0
+
+
+def _user_cfg(data) -> PipelineConfig:
+    cfg = load_pipeline_config("quick", USER_OVERRIDES)
+    cfg.data = str(data)
+    return cfg
+
+
+@pytest.mark.slow
+def test_quick_preset_on_a_users_imagefolder_is_quiet_and_warns_about_an_empty_class(user_run):
+    out, data, done, seconds = user_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_summary(out, "data").data_dir == str(data) and read_summary(out, "data").num_classes == 4
+    assert not (out / "data").exists()  # the quick preset's generator options did not apply to user data
+    assert read_sidecar(out / "export" / "moe.onnx.json").class_names == ["ant", "bee", "cat", "dog"]
+    # quiet: stage lines, no library chatter (e.g. ONNX's "Replaced initializer ..." lines)
+    err = done.stderr
+    assert "[dense] done in" in err and "[report] done in" in err
+    assert "Replaced initializer" not in err and "Traceback" not in err
+    assert len(err.splitlines()) < 80, err[-3000:]
+    # "dog" has no held-out image: it still gets a super-class, and every output says so
+    sc = read_superclass_map(out / "superclasses" / "superclasses.json")
+    assert len(sc.assignment) == 4 and sorted(sc.sizes) == [1, 1, 2]
+    dog = [w for w in sc.warnings if w.endswith("so their super-class rests on little or no evidence: dog")]
+    assert len(dog) == 1 and dog[0].startswith("1 class(es) had no held-out images")
+    assert read_summary(out, "confusion").empty_classes == ["dog"]
+    assert dog[0] in (out / "superclasses" / "superclasses.md").read_text()
+    assert f"**Warning:** {dog[0]}" in (out / "report.md").read_text()
+    assert dog[0] in err
+    assert seconds < 600
+
+
+def _hold_lock(out):
+    """Another process holding OUT's lock, as a second pipeline run would."""
+    code = (
+        "import sys, time; from pathlib import Path; from mobile_vmoe.pipeline_dir import locked\n"
+        "with locked(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_out_is_refused_while_ranks_above_0_take_no_lock(user_run, monkeypatch):
+    out, data, done, _ = user_run
+    assert done.returncode == 0
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(
+            UserError, match=rf"another pipeline run is writing this directory \(pid {holder.pid} "
+        ):
+            run_pipeline(_user_cfg(data), out)
+        monkeypatch.setenv("RANK", "1")  # a torchrun rank > 0 follows the markers; every stage is done
+        run_pipeline(_user_cfg(data), out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_from_checks_the_earlier_stages_and_the_config_before_deleting_anything(user_run):
+    out, data, done, _ = user_run
+    assert done.returncode == 0
+    cfg = _user_cfg(data)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    sc_json = out / "superclasses" / "superclasses.json"
+    kept = sc_json.read_bytes()
+    sc_json.unlink()
+    with pytest.raises(UserError, match=r"--from moe: needs stage superclasses, but its output "
+                                        r"superclasses/superclasses.json is gone"):  # fmt: skip
+        run_pipeline(cfg, out, "moe")
+    sc_json.write_bytes(kept)
+
+    moe_changed = _user_cfg(data)
+    moe_changed.moe_overrides = ["optim.lr=1e-3"]
+    with pytest.raises(UserError, match=r"differs in moe_overrides\); pass --from superclasses"):
+        run_pipeline(moe_changed, out, "eval")
+
+    report_marker = read_marker(out, "report")
+    (out / "stages" / "report.json").unlink()  # report.md is there, but no marker vouches for it
+    with pytest.raises(UserError, match=r"report\.md holds an unfinished stage report \(no marker\)"):
+        run_pipeline(cfg, out, "bench")
+    write_marker(out, report_marker)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing was deleted
+
+
+@pytest.mark.slow
+def test_a_stage_whose_output_is_gone_is_redone_with_every_later_stage(user_run, caplog):
+    out, data, done, _ = user_run
+    assert done.returncode == 0
+    (out / "notes.txt").write_text("mine")  # not the pipeline's: never deleted
+    dense_mtime = (out / "dense" / "model.safetensors").stat().st_mtime_ns
+    moe_mtime = (out / "moe" / "model.safetensors").stat().st_mtime_ns
+    (out / "superclasses" / "superclasses.json").unlink()
+    caplog.set_level(logging.INFO)
+    run_pipeline(_user_cfg(data), out)
+    assert (
+        "[superclasses] done before, but its output superclasses/superclasses.json is gone: redoing it and "
+        "every later stage" in caplog.text
+    )
+    assert "[confusion] done before, skipped" in caplog.text and "[moe] continuing" not in caplog.text
+    assert read_superclass_map(out / "superclasses" / "superclasses.json").class_names[-1] == "dog"
+    assert (out / "dense" / "model.safetensors").stat().st_mtime_ns == dense_mtime
+    assert (out / "moe" / "model.safetensors").stat().st_mtime_ns != moe_mtime  # trained against the new map
+    assert all(
+        read_marker(out, s) is not None and not read_marker(out, s).missing_outputs(out) for s in STAGES
+    )
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast: bad input refused before any stage runs, and before anything is deleted
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def test_bad_pipeline_config_fails_before_any_stage(tmp_path):
@@ -91,8 +238,111 @@ def test_bad_pipeline_config_fails_before_any_stage(tmp_path):
     fails("not a registered mobile model", "moe_model=resnet18")
     fails("superclass_algorithm", "superclass_algorithm=kmeans")
     fails("num_verify", "num_verify=0")
+    fails("--data .*nowhere: not a directory", f"data={tmp_path / 'nowhere'}")
     with pytest.raises(UserError, match="unknown config key 'epochs'"):
         load_pipeline_config("quick", ["epochs=3"])
     with pytest.raises(UserError, match="--from: expected one of"):
         run_pipeline(load_pipeline_config("quick"), tmp_path / "bad", "training")
     assert {"default", "quick", "imagenet1k_tiny"} <= set(list_presets("pipeline"))
+    assert set(FIRST_STAGE) == {f.name for f in dataclasses.fields(PipelineConfig)}
+    assert set(FIRST_STAGE.values()) <= set(STAGES)
+
+
+def _user_files(root):
+    for rel in ("dense/precious.txt", "moe/notes.md", "report.md", "export/mine.onnx"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    return sorted(p.relative_to(root) for p in root.rglob("*"))
+
+
+def test_from_outside_a_pipeline_directory_deletes_nothing(tmp_path):
+    cfg = load_pipeline_config("quick")
+    mine = tmp_path / "mine"
+    before = _user_files(mine)
+    for start in ("dense", "report"):
+        with pytest.raises(
+            UserError, match=r"--from .*: .*mine is not a pipeline directory \(no pipeline.yaml\)"
+        ):
+            run_pipeline(cfg, mine, start)
+    with pytest.raises(UserError, match="not empty and not a pipeline directory"):
+        run_pipeline(cfg, mine)
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
+    r = _cli("pipeline", "--preset", "quick", "--out", mine, "--from", "dense", timeout=300)
+    assert r.returncode == 2 and "is not a pipeline directory" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(UserError, match="not a pipeline directory"):
+        run_pipeline(cfg, tmp_path / "nowhere", "dense")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_from_with_missing_inputs_deletes_nothing(tmp_path):
+    cfg = load_pipeline_config("quick")
+    out = tmp_path / "out"
+    before = _user_files(out)
+    (out / "pipeline.yaml").write_text(dump_yaml(cfg))
+    before = sorted([*before, (out / "pipeline.yaml").relative_to(out)])
+    with pytest.raises(UserError, match=r"--from moe: needs stage data, but no marker"):
+        run_pipeline(cfg, out, "moe")
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".lock") == before
+
+
+def test_a_marker_cannot_send_a_redo_outside_the_pipeline_directory(tmp_path):
+    cfg = load_pipeline_config("quick")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the pipeline's")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pipeline.yaml").write_text(dump_yaml(cfg))
+    write_marker(out, StageMarker("data", 1.0, ["../victim.txt"], {}))
+    with pytest.raises(UserError, match=r"data\.json: output '\.\./victim\.txt' is not a path inside"):
+        run_pipeline(cfg, out, "dense")
+    with pytest.raises(UserError, match="is not a path inside"):
+        run_pipeline(cfg, out)
+    assert victim.read_text() == "not the pipeline's"
+
+
+def test_a_second_run_is_refused_while_the_directory_is_locked(tmp_path):
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        t0 = time.perf_counter()
+        r = _cli("pipeline", "--preset", "quick", "--out", out, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"another pipeline run is writing this directory (pid {holder.pid} on" in r.stderr
+        assert time.perf_counter() - t0 < 120 and not (out / "stages").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    shutil.rmtree(out)
+
+
+def test_quiet_by_default_and_verbose_with_v(capsys):
+    from mobile_vmoe.cli import main
+
+    names = ("", "mobile_vmoe", "torch", "py.warnings")
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        for argv, ours, libraries in (
+            (["-v", "models", "mobile_vit_nano_patch8_32"], logging.DEBUG, logging.INFO),
+            (["models", "-v", "mobile_vit_nano_patch8_32"], logging.DEBUG, logging.INFO),
+            (["models", "mobile_vit_nano_patch8_32"], logging.INFO, logging.ERROR),
+        ):
+            assert main(argv) == 0 and "mobile_vit_nano_patch8_32" in capsys.readouterr().out
+            assert logging.getLogger("mobile_vmoe.pipeline").getEffectiveLevel() == ours
+            assert logging.getLogger("onnx_ir").getEffectiveLevel() == libraries  # "Replaced initializer ..."
+            assert logging.getLogger("torch").level == max(libraries, logging.WARNING)
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+        logging.captureWarnings(False)
+
+
+def test_progress_is_plain_log_lines_without_a_terminal(caplog, monkeypatch):
+    import mobile_vmoe.cli as cli
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(cli, "PROGRESS_LOG_SECONDS", 0.0)  # every item, instead of every 30 s
+    monkeypatch.setattr(cli.sys, "stderr", io.StringIO())  # a log file, not a terminal
+    assert list(cli.progress(iter("abc"), 3, "held-out confusion")) == ["a", "b", "c"]
+    assert [r.getMessage() for r in caplog.records] == [f"held-out confusion: {i}/3" for i in (1, 2, 3)]

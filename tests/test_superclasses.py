@@ -1,4 +1,8 @@
+"""Super-class discovery (mobile_vmoe.superclasses) and the held-out confusion matrix it starts from
+(mobile_vmoe.confusion): planted partitions, degenerate matrices, bad input, the CLI, a real checkpoint."""
+
 import json
+import logging
 import subprocess
 import sys
 
@@ -6,12 +10,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fixtures import planted_confusion
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 import mobile_vmoe.models  # noqa: F401
 from mobile_vmoe.checkpoint import ModelMeta, TrainInfo, save_model
+from mobile_vmoe.cli import main
 from mobile_vmoe.common import UserError
+from mobile_vmoe.confusion import heldout_confusion, read_confusion, write_confusion
 from mobile_vmoe.files.superclass_map import read_superclass_map
 from mobile_vmoe.preprocess import Preprocess
 from mobile_vmoe.superclasses import (
@@ -23,7 +30,6 @@ from mobile_vmoe.superclasses import (
     confusion_graph,
     find_superclasses,
     partition_confusion,
-    planted_confusion,
 )
 
 
@@ -140,9 +146,9 @@ def test_deterministic(algorithm):
         (np.array([[1, -1], [0, 2]]), 1, "negative"),
         (np.array([[1.0, np.nan], [0, 2]]), 1, "NaN"),
         (np.array([["a", "b"], ["c", "d"]]), 1, "numeric"),
-        (np.eye(3), 4, "num_superclasses"),
-        (np.eye(3), 0, "num_superclasses"),
-        (np.eye(3), 1.5, "num_superclasses"),
+        (np.eye(3), 4, r"--num-superclasses must be an integer in \[1, number of classes = 3\], got 4"),
+        (np.eye(3), 0, r"--num-superclasses must be an integer in \[1, number of classes = 3\], got 0"),
+        (np.eye(3), 1.5, "--num-superclasses must be an integer"),
     ],
 )
 def test_bad_matrix_or_e(C, k, field):
@@ -168,8 +174,10 @@ def test_bad_files(tmp_path):
         find_superclasses(out, 2, confusion=tmp_path / "missing.npy")
     ok = tmp_path / "ok.npy"
     np.save(ok, np.eye(3))
-    with pytest.raises(UserError, match="num_superclasses.*N=3"):
+    with pytest.raises(UserError, match=r"in \[1, number of classes = 3\], got 4"):
         find_superclasses(out, 4, confusion=ok)
+    with pytest.raises(UserError, match=r"in \[1, number of classes\], got 0"):
+        find_superclasses(out, 0, confusion=tmp_path / "missing.npy")  # E is checked first
     with pytest.raises(UserError, match="exactly one of --checkpoint"):
         find_superclasses(out, 2)
     with pytest.raises(UserError, match="--algorithm"):
@@ -212,19 +220,22 @@ def test_cli_end_to_end_with_confusion(tmp_path, capsys):
     assert all(f"- {n}\n" in md for n in names) and md.count("## Super-class") == 5
     assert not list(out.glob(".*tmp"))  # no temp files left behind
 
-    from mobile_vmoe.cli import main  # in-process: the subprocess above already covered the entry point
-
+    # in-process: the subprocess above already covered the entry point
     assert (
         main(["superclasses", "--confusion", str(tmp_path / "conf.npy"), "-E", "21", "--out", str(out)]) == 2
     )
-    assert "num_superclasses" in capsys.readouterr().err
+    assert (
+        "--num-superclasses must be an integer in [1, number of classes = 20], got 21"
+        in capsys.readouterr().err
+    )
     argv = ["--confusion", str(tmp_path / "conf.npy"), "-E", "3", "--out", str(tmp_path / "o3")]
     assert main(["superclasses", *argv, "--algorithm", "kernighan_lin"]) == 0
     assert sorted(read_superclass_map(tmp_path / "o3" / "superclasses.json").sizes) == [6, 7, 7]
 
 
-def _tiny_run(tmp_path, num_classes=4, per_class=3):
-    """Tiny dataset (PNG images + held-out list) and a random-weight dense checkpoint that points at them."""
+def _tiny_run(tmp_path, num_classes=4, per_class=3, model_kwargs=None):
+    """Tiny dataset (PNG images + held-out list) and a random-weight dense checkpoint that points at them;
+    ``model_kwargs`` go into the file's metadata only (the weights are those of the plain model)."""
     data = tmp_path / "data"
     names = [f"c{i}" for i in range(num_classes)]
     lines = []
@@ -245,7 +256,7 @@ def _tiny_run(tmp_path, num_classes=4, per_class=3):
     model = timm.create_model("mobile_vit_nano_patch4_32", num_classes=num_classes)
     meta = ModelMeta(
         "mobile_vit_nano_patch4_32",
-        {"num_classes": num_classes},
+        {"num_classes": num_classes, **(model_kwargs or {})},
         names,
         Preprocess(size=32, resize=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         TrainInfo(data_dir=str(data), heldout_list=str(run / "heldout.txt")),
@@ -294,8 +305,88 @@ def test_checkpoint_errors(tmp_path):
     (ckpt.parent / "heldout.txt").unlink()
     with pytest.raises(UserError, match="held-out list not found"):
         find_superclasses(tmp_path / "out", 2, checkpoint=ckpt)
-    with pytest.raises(UserError, match="num_superclasses.*N=4"):
+    with pytest.raises(UserError, match=r"--num-superclasses .*number of classes = 4\], got 5"):
         find_superclasses(tmp_path / "out", 5, checkpoint=ckpt)
     with pytest.raises(UserError, match="checkpoint not found"):
         find_superclasses(tmp_path / "out", 2, checkpoint=tmp_path / "nope.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_confusion_files_round_trip(tmp_path):
+    from mobile_vmoe.confusion import Confusion
+
+    conf = Confusion(np.array([[3, 1, 0], [0, 0, 0], [1, 0, 2]]), ["a", "b", "c"], tmp_path)
+    assert conf.empty_classes == ["b"] and conf.num_images == 7 and conf.accuracy == pytest.approx(5 / 7)
+    paths = write_confusion(tmp_path / "conf", conf)
+    assert [p.name for p in paths] == ["confusion.npy", "confusion.csv", "classes.json"]
+    back = read_confusion(tmp_path / "conf")
+    assert back.counts.tolist() == conf.counts.tolist() and back.counts.dtype == np.int64
+    assert back.class_names == ["a", "b", "c"] and back.data_dir == tmp_path
+    (tmp_path / "conf" / "classes.json").write_text(json.dumps({"class_names": ["a"]}))
+    with pytest.raises(UserError, match=r"classes\.json: 'class_names' must list the 3 classes"):
+        read_confusion(tmp_path / "conf")
+
+
+def test_class_without_heldout_images_lands_in_a_superclass_with_a_warning(tmp_path, caplog):
+    ckpt, _model, _data, names, lines = _tiny_run(tmp_path)
+    # class c3 had too few images to hold any out (heldout_split leaves a 1-image class whole): no line
+    (ckpt.parent / "heldout.txt").write_text("".join(ln for ln in lines if not ln.endswith("\t3\n")))
+    conf = heldout_confusion(ckpt)
+    assert conf.counts[3].tolist() == [0, 0, 0, 0] and conf.empty_classes == ["c3"]
+
+    caplog.set_level(logging.WARNING)
+    out = tmp_path / "out"
+    res = find_superclasses(out, 2, checkpoint=ckpt)
+    assert len(res.assignment) == 4 and res.sizes == [2, 2]  # c3 still has a super-class
+    assert len(res.warnings) == 1
+    assert "1 class(es) had no held-out images" in res.warnings[0] and res.warnings[0].endswith(": c3")
+    assert read_superclass_map(out / "superclasses.json").warnings == res.warnings
+    assert f"**Warning:** {res.warnings[0]}" in (out / "superclasses.md").read_text()
+    assert res.warnings[0] in caplog.text
+    assert read_confusion(out).empty_classes == ["c3"]
+
+
+def test_all_zero_or_diagonal_matrix_gives_an_arbitrary_partition_with_a_warning(tmp_path, capsys):
+    np.save(tmp_path / "zero.npy", np.zeros((6, 6), dtype=np.int64))
+    out = tmp_path / "out"
+    assert (
+        main(["superclasses", "--confusion", str(tmp_path / "zero.npy"), "-E", "2", "--out", str(out)]) == 0
+    )
+    m = read_superclass_map(out / "superclasses.json")
+    assert m.sizes == [3, 3] and len(m.warnings) == 1
+    assert "all zero" in m.warnings[0] and "arbitrary" in m.warnings[0]
+    assert m.warnings[0] in (out / "superclasses.md").read_text()
+    assert f"warning: {m.warnings[0]}" in capsys.readouterr().out
+
+    diag = find_superclasses(tmp_path / "diag", 3, confusion=np.diag([5, 4, 3, 2, 1, 6]))
+    assert len(diag.warnings) == 1 and "diagonal" in diag.warnings[0]
+    # one super-class, or one per class: nothing arbitrary was chosen
+    assert find_superclasses(tmp_path / "one", 1, confusion=np.zeros((6, 6))).warnings == []
+    assert find_superclasses(tmp_path / "all", 6, confusion=np.zeros((6, 6))).warnings == []
+
+
+def test_num_superclasses_zero_names_the_flag_and_range(tmp_path, capsys):
+    np.save(tmp_path / "c.npy", np.eye(3))
+    argv = ["superclasses", "--confusion", str(tmp_path / "c.npy"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--num-superclasses", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-superclasses must be an integer in [1, number of classes], got 0" in err
+    assert "4611686018427387904" not in err
+    ckpt, *_ = _tiny_run(tmp_path)
+    assert main(["superclasses", "--checkpoint", str(ckpt), "-E", "9", "--out", str(tmp_path / "out")]) == 2
+    assert (
+        "--num-superclasses must be an integer in [1, number of classes = 4], got 9"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_with_a_wrong_typed_model_kwarg_is_one_clear_error(tmp_path, capsys):
+    ckpt, *_ = _tiny_run(tmp_path, model_kwargs={"depth": "two"})
+    rc = main(["superclasses", "--checkpoint", str(ckpt), "-E", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mobile-vmoe superclasses: error: ") and str(ckpt) in last
+    assert "model_kwargs" in last and "'two'" in last
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,266 @@
+"""The pipeline directory (``mobile-vmoe pipeline --out OUT``): which stages are done, what a redo deletes.
+
+    OUT/pipeline.yaml          the resolved config (its presence makes OUT a pipeline directory)
+    OUT/stages/<stage>.json    a finished stage's StageMarker (files.stage_marker): the outputs it vouches for,
+                               relative to OUT, and the stage's summary record (below) as its ``result``
+    OUT/.lock                  flock-ed by the run that writes OUT
+
+A stage is done when its marker exists, holds its summary record, and every output it vouches for is there.
+Redoing a stage deletes exactly the outputs its marker lists (never anything else), then the marker; a
+generated dataset (stage data) is kept, since prepare_dataset rebuilds it when incomplete or changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .common import UserError, write_text_atomic
+from .config import config_to_dict, dump_yaml
+from .files.stage_marker import StageMarker, marker_path, read_marker
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary", "ExportSummary",
+    "ReportSummary", "SuperclassSummary", "TrainSummary", "changed_keys", "is_pipeline_dir", "locked",
+    "not_done", "prepare", "read_summary", "wait_for",
+]  # fmt: skip
+
+STAGES = ("data", "dense", "confusion", "superclasses", "moe", "eval", "export", "bench", "report")
+PIPELINE_YAML = "pipeline.yaml"
+LOCK_FILE = ".lock"
+# a generated dataset is kept on a redo: prepare_dataset rebuilds it when incomplete or changed
+KEEP_ON_REDO = ("data",)
+RANK0_WAIT_S = 24 * 3600  # how long ranks > 0 wait for rank 0's single-process stages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What each stage's marker records (StageMarker.result); the report reads them back with read_summary
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSummary:
+    data_dir: str
+    num_classes: int
+    train: int  # training images, held-out ones included
+    val: int
+
+
+@dataclass
+class TrainSummary:
+    run: str
+    model_file: str
+
+
+@dataclass
+class ConfusionSummary:
+    heldout_images: int
+    accuracy: float
+    empty_classes: list[str]  # classes without held-out images
+
+
+@dataclass
+class SuperclassSummary:
+    file: str
+    within_mass: float | None
+    ari_vs_truth: float | None
+    warnings: list[str]
+
+
+@dataclass
+class EvalSummary:
+    top1: dict[str, float]  # by model: dense, moe
+    top5: dict[str, float]
+    num_images: dict[str, int]
+
+
+@dataclass
+class ExportSummary:
+    artifacts: dict[str, str]  # file name -> path
+    failed_verification: dict[str, str]  # file name -> why (int8 only; the others are fatal)
+
+
+@dataclass
+class BenchSummary:
+    results: dict[str, str]  # artifact file name -> bench result JSON
+
+
+@dataclass
+class ReportSummary:
+    markdown: str
+    html: str
+
+
+SUMMARIES: dict[str, type] = {
+    "data": DataSummary, "dense": TrainSummary, "confusion": ConfusionSummary,
+    "superclasses": SuperclassSummary, "moe": TrainSummary, "eval": EvalSummary, "export": ExportSummary,
+    "bench": BenchSummary, "report": ReportSummary,
+}  # fmt: skip
+
+
+def _summary(m: StageMarker) -> Any:
+    """The stage's summary record, or None when the marker predates it (its stage is then redone)."""
+    cls = SUMMARIES[m.stage]
+    if set(m.result) != {f.name for f in fields(cls)}:
+        return None
+    return cls(**m.result)
+
+
+def read_summary(out: str | os.PathLike[str], stage: str) -> Any:
+    """The summary record a finished stage left in its marker, or None if the stage has not finished."""
+    m = read_marker(out, stage)
+    return _summary(m) if m is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which stages are done, what a redo deletes, the lock
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _inside(out: Path, rel: str, where: Path) -> Path:
+    """An output path of a marker, refused unless it is strictly inside OUT (a marker must not reach out)."""
+    p = out / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or p == out or rel in (PIPELINE_YAML, LOCK_FILE):
+        raise UserError(f"{where}: output {rel!r} is not a path inside the pipeline directory {out}")
+    return p
+
+
+def not_done(out: Path, stage: str) -> str | None:
+    """Why ``stage`` is not done (no marker, an old marker, outputs gone), or None when it is."""
+    m = read_marker(out, stage)
+    if m is None:
+        return "no marker"
+    for rel in m.outputs:
+        _inside(out, rel, marker_path(out, stage))
+    if _summary(m) is None:
+        return "its marker was written by an older mobile-vmoe"
+    missing = m.missing_outputs(out)
+    if missing:
+        return f"its output {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} is gone"
+    return None
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        trash = p.with_name(f".{p.name}.trash")  # rename first: a half-deleted dir never looks like output
+        shutil.rmtree(trash, ignore_errors=True)
+        p.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _forget(out: Path, stage: str) -> None:
+    """Delete what ``stage``'s marker vouches for (nothing else), then the marker."""
+    m = read_marker(out, stage)
+    if m is None:
+        return
+    if stage not in KEEP_ON_REDO:
+        for rel in m.outputs:
+            _remove(_inside(out, rel, marker_path(out, stage)))
+    marker_path(out, stage).unlink()
+
+
+def _default_outputs(out: Path, stage: str) -> list[Path]:
+    """Where a stage writes: an unfinished stage (no marker) may have left files there."""
+    if stage == "report":
+        return [out / "report.md", out / "report.html", out / "report_files"]
+    return [] if stage == "data" else [out / stage]
+
+
+def changed_keys(out: Path, cfg: Any) -> list[str]:
+    """The config keys in which OUT/pipeline.yaml differs from ``cfg`` (none when there is no pipeline.yaml)."""
+    import yaml
+
+    saved = out / PIPELINE_YAML
+    if not saved.is_file() or saved.read_text() == dump_yaml(cfg):
+        return []
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = config_to_dict(cfg)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _check_from(out: Path, start: str) -> None:
+    """``--from start``: the earlier stages are done, and no later stage left files a redo could not delete."""
+    i = STAGES.index(start)
+    for stage in STAGES[:i]:
+        why = not_done(out, stage)
+        if why is not None:
+            raise UserError(
+                f"--from {start}: needs stage {stage}, but {why} ({marker_path(out, stage)}); "
+                f"run without --from, or with --from {stage}"
+            )
+    for stage in STAGES[i:]:
+        left = [p for p in _default_outputs(out, stage) if p.exists()]
+        if read_marker(out, stage) is None and left:
+            raise UserError(
+                f"--from {start}: {left[0]} holds an unfinished stage {stage} (no marker), which --from cannot "
+                f"tell from your files: delete it, or run without --from to continue it"
+            )
+
+
+def prepare(out: Path, cfg: Any, start: str | None) -> str | None:
+    """Check the stages against ``start``, delete what will be redone, write pipeline.yaml. Returns the first
+    stage to run (None: every stage is done). The caller holds the lock and has checked the config change."""
+    if start is not None:
+        _check_from(out, start)
+        first: str | None = start
+    else:
+        first = next((s for s in STAGES if not_done(out, s) is not None), None)
+        why = not_done(out, first) if first is not None else None
+        if why is not None and why != "no marker":
+            log.info("[%s] done before, but %s: redoing it and every later stage", first, why)
+    if first is not None:
+        for stage in STAGES[STAGES.index(first) :]:
+            _forget(out, stage)
+    write_text_atomic(out / PIPELINE_YAML, dump_yaml(cfg))
+    return first
+
+
+def is_pipeline_dir(out: Path) -> bool:
+    return (out / PIPELINE_YAML).is_file()
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold OUT/.lock (flock) while this run writes OUT; a second run gets a UserError at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(
+                f"{out}: another pipeline run is writing this directory ({holder}, lock {lock}); wait for it "
+                f"to finish or use another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def wait_for(out: Path, stage: str) -> None:
+    """Ranks > 0 under torchrun wait here while rank 0 runs a single-process stage."""
+    t0 = time.monotonic()
+    while not_done(out, stage) is not None:
+        if time.monotonic() - t0 > RANK0_WAIT_S:
+            raise UserError(f"waited 24 h for rank 0 to finish stage {stage} ({marker_path(out, stage)})")
+        time.sleep(2)
