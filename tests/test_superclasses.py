@@ -17,6 +17,7 @@ from sklearn.metrics import adjusted_rand_score
 import mobile_vmoe.models  # noqa: F401
 from mobile_vmoe.checkpoint import ModelMeta, TrainInfo, save_model
 from mobile_vmoe.cli import main
+from mobile_vmoe.clustering import _balance, _with_epsilon, affinity
 from mobile_vmoe.common import UserError
 from mobile_vmoe.confusion import heldout_confusion, read_confusion, write_confusion
 from mobile_vmoe.files.superclass_map import read_superclass_map
@@ -24,9 +25,6 @@ from mobile_vmoe.preprocess import Preprocess
 from mobile_vmoe.superclasses import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
-    _affinity,
-    _balance,
-    _with_epsilon,
     confusion_graph,
     find_superclasses,
     partition_confusion,
@@ -60,7 +58,7 @@ def test_unequal_planted_groups_as_close_as_balance_allows():
     a = partition_confusion(C, 10)
     assert_balanced(a, 100, 10)
     # the best a balanced answer can do: the truth itself, balanced by the same step
-    oracle = _balance(_with_epsilon(_affinity(C, normalize=True)), truth.copy(), 10)
+    oracle = _balance(_with_epsilon(affinity(C, normalize=True)), truth.copy(), 10)
     best = adjusted_rand_score(truth, oracle)
     assert best < 1.0
     assert adjusted_rand_score(truth, a) >= best - 0.03
