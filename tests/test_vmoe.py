@@ -200,3 +200,20 @@ def test_eval_routing_options_need_a_per_token_model(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "m.safetensors"), "--data", str(tmp_path),
                  "--capacity-ratio", "0.5"]) == 2  # fmt: skip
     assert "per-token V-MoE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pipeline_trains_the_three_models_side_by_side(tmp_path):
+    """The quick preset with a per-token model: three trainings on the same data, its capacity curve, the report."""
+    from mobile_vmoe.cli import main
+    from mobile_vmoe.pipeline_dir import read_summary
+
+    out = tmp_path / "p"
+    args = ["pipeline", "--preset", "quick", "--out", str(out), "vmoe_model=mobile_vmoe_token_nano_patch4_32",
+            "formats=[]", "capacity_ratios=[1.0,0.25]"]  # fmt: skip
+    assert main(args) == 0
+    ev = read_summary(out, "eval")
+    assert set(ev.top1) == {"dense", "moe", "vmoe"} and "vmoe" in ev.capacity_curves
+    report = (out / "report.md").read_text()
+    assert "## Per-token routing (V-MoE)" in report and "vmoe − dense top-1" in report
+    assert (out / "report_files" / "vmoe_routing.png").is_file()
