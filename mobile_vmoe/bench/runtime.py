@@ -408,7 +408,7 @@ class Progress:
     def __init__(self, desc: str, total: int) -> None:
         from tqdm import tqdm
 
-        self.desc, self.total, self.last = desc, total, time.monotonic()
+        self.desc, self.last = desc, time.monotonic()
         self.bar = tqdm(total=total, desc=desc, unit="run", disable=None, leave=False)
 
     def __call__(self, done: int, total: int) -> None:
