@@ -160,6 +160,8 @@ public struct InputInfo: Codable {
     public var dtype: String
     public var source: String = "random"
     public var images: ImagesInfo?
+    /// The sidecar's preprocessing, applied to the images; null for a random input.
+    public var preprocess: Preprocess?
 
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
@@ -167,9 +169,10 @@ public struct InputInfo: Codable {
         try c.encode(dtype, forKey: .dtype)
         try c.encode(source, forKey: .source)
         try c.encode(images, forKey: .images)
+        try c.encode(preprocess, forKey: .preprocess)
     }
 
-    enum CodingKeys: String, CodingKey { case shape, dtype, source, images }
+    enum CodingKeys: String, CodingKey { case shape, dtype, source, images, preprocess }
 }
 
 public struct Stats: Codable, Equatable {

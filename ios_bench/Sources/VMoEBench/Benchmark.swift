@@ -1,4 +1,5 @@
 import CoreML
+import CoreVideo
 import Foundation
 
 public struct BenchConfig {
@@ -7,12 +8,21 @@ public struct BenchConfig {
     public var computeUnits: String
     public var warmup: Int
     public var iterations: Int
+    /// The export sidecar (FILE.mlpackage.json): its `preprocess` is applied to the images.
+    public var sidecarURL: URL?
+    /// A directory of images (index.txt gives their order): iteration i runs on image i mod N. nil: one random input.
+    public var imagesURL: URL?
 
-    public init(modelURL: URL, computeUnits: String = "all", warmup: Int = 10, iterations: Int = 50) {
+    public init(
+        modelURL: URL, computeUnits: String = "all", warmup: Int = 10, iterations: Int = 50, sidecarURL: URL? = nil,
+        imagesURL: URL? = nil
+    ) {
         self.modelURL = modelURL
         self.computeUnits = computeUnits
         self.warmup = warmup
         self.iterations = iterations
+        self.sidecarURL = sidecarURL
+        self.imagesURL = imagesURL
     }
 }
 
@@ -21,6 +31,9 @@ public enum BenchError: Error, CustomStringConvertible {
     case badCounts(warmup: Int, iterations: Int)
     case modelNotFound(String)
     case unsupportedInput(String)
+    case badSidecar(String)
+    case badImage(String)
+    case inputMismatch(String)
 
     public var description: String {
         switch self {
@@ -31,7 +44,9 @@ public enum BenchError: Error, CustomStringConvertible {
         case .modelNotFound(let s):
             return "model not found: \(s)"
         case .unsupportedInput(let s):
-            return "unsupported model input: \(s) (expected one multi-array input, e.g. [1, 3, H, W])"
+            return "unsupported model input: \(s) (expected one image or multi-array input, e.g. [1, 3, H, W])"
+        case .badSidecar(let s), .badImage(let s), .inputMismatch(let s):
+            return s
         }
     }
 }
@@ -101,9 +116,118 @@ func computePlanCounts(_ url: URL, _ config: MLModelConfiguration) async throws 
     return counts
 }
 
+/// The prepared inputs: one feature provider per image (or one random input), and how to describe them.
+struct PreparedInputs {
+    var features: [MLFeatureProvider]
+    var info: InputInfo
+}
+
+/// A 32BGRA pixel buffer for a Core ML image input; `pixel(c, x, y)` gives channel c (0 R, 1 G, 2 B).
+func makePixelBuffer(width: Int, height: Int, pixel: (Int, Int, Int) -> UInt8) throws -> CVPixelBuffer {
+    var buffer: CVPixelBuffer?
+    let attributes =
+        [kCVPixelBufferCGImageCompatibilityKey: kCFBooleanTrue, kCVPixelBufferCGBitmapContextCompatibilityKey: kCFBooleanTrue]
+        as CFDictionary
+    let status = CVPixelBufferCreate(kCFAllocatorDefault, width, height, kCVPixelFormatType_32BGRA, attributes, &buffer)
+    guard status == kCVReturnSuccess, let pb = buffer else {
+        throw BenchError.badImage("could not create a \(width)x\(height) pixel buffer (CVReturn \(status))")
+    }
+    CVPixelBufferLockBaseAddress(pb, [])
+    defer { CVPixelBufferUnlockBaseAddress(pb, []) }
+    guard let base = CVPixelBufferGetBaseAddress(pb)?.assumingMemoryBound(to: UInt8.self) else {
+        throw BenchError.badImage("pixel buffer has no memory")
+    }
+    let bytesPerRow = CVPixelBufferGetBytesPerRow(pb)
+    for y in 0..<height {
+        for x in 0..<width {
+            let p = base + y * bytesPerRow + 4 * x
+            p[0] = pixel(2, x, y)
+            p[1] = pixel(1, x, y)
+            p[2] = pixel(0, x, y)
+            p[3] = 255
+        }
+    }
+    return pb
+}
+
+/// A fresh (contiguous, C-order) multi-array holding `values`.
+func makeMultiArray(_ values: [Float], shape: [NSNumber], dataType: MLMultiArrayDataType) throws -> MLMultiArray {
+    let array = try MLMultiArray(shape: shape, dataType: dataType)
+    if dataType == .float32 {
+        array.withUnsafeMutableBufferPointer(ofType: Float.self) { ptr, _ in
+            for i in 0..<values.count { ptr[i] = values[i] }
+        }
+    } else {
+        for i in 0..<values.count { array[i] = NSNumber(value: values[i]) }
+    }
+    return array
+}
+
+/// The images of `config` preprocessed as the sidecar says (resize the shorter side, centre crop, normalise), or
+/// one random input. A Core ML image input takes the cropped 8-bit pixels: the model's own scale and bias normalise.
+func prepareInputs(_ model: MLModel, _ config: BenchConfig) throws -> PreparedInputs {
+    let inputs = model.modelDescription.inputDescriptionsByName
+    guard inputs.count == 1, let entry = inputs.first else { throw BenchError.unsupportedInput("\(inputs.keys.sorted())") }
+    var pre: Preprocess? = nil
+    var files: [URL] = []
+    if let dir = config.imagesURL {
+        guard let sidecar = config.sidecarURL else {
+            throw BenchError.badSidecar(
+                "images need the export sidecar (VMOE_SIDECAR, --sidecar): its preprocess says how to resize, crop "
+                    + "and normalise them")
+        }
+        pre = try Preprocess.fromSidecar(sidecar)
+        files = Array(try Preprocess.imageFiles(in: dir).prefix(config.iterations))
+    }
+    let source = pre == nil ? "random" : "images"
+    let imagesInfo = config.imagesURL.map { ImagesInfo(dir: $0.path, count: files.count) }
+    func feature(_ value: MLFeatureValue) throws -> MLFeatureProvider {
+        try MLDictionaryFeatureProvider(dictionary: [entry.key: value])
+    }
+    if let c = entry.value.imageConstraint {
+        let (w, h) = (c.pixelsWide, c.pixelsHigh)
+        var buffers: [CVPixelBuffer] = []
+        if let pre = pre {
+            guard pre.size == w, pre.size == h else {
+                throw BenchError.inputMismatch(
+                    "the model takes \(w)x\(h) images but the sidecar's preprocess crops \(pre.size)x\(pre.size)")
+            }
+            for url in files {
+                let image = try pre.crop(url)
+                buffers.append(try makePixelBuffer(width: w, height: h) { ch, x, y in image.byte(ch, x, y) })
+            }
+        } else {
+            buffers.append(try makePixelBuffer(width: w, height: h) { _, _, _ in UInt8.random(in: 0...255) })
+        }
+        return PreparedInputs(
+            features: try buffers.map { try feature(MLFeatureValue(pixelBuffer: $0)) },
+            info: InputInfo(shape: [1, 3, h, w], dtype: "uint8", source: source, images: imagesInfo, preprocess: pre))
+    }
+    guard let c = entry.value.multiArrayConstraint else { throw BenchError.unsupportedInput("\(entry.key)") }
+    let shape = c.shape.map { $0.intValue }
+    var arrays: [MLMultiArray] = []
+    if let pre = pre {
+        guard shape.count == 4, shape[1] == 3, shape[2] == pre.size, shape[3] == pre.size else {
+            throw BenchError.inputMismatch(
+                "the model's input is \(shape) but the sidecar's preprocess makes [1, 3, \(pre.size), \(pre.size)]")
+        }
+        for url in files {
+            let image = try pre.crop(url)
+            arrays.append(try makeMultiArray(pre.normalised(image), shape: c.shape, dataType: c.dataType))
+        }
+    } else {
+        let count = shape.reduce(1, *)
+        let values = (0..<count).map { _ in Float.random(in: -1...1) }
+        arrays.append(try makeMultiArray(values, shape: c.shape, dataType: c.dataType))
+    }
+    return PreparedInputs(
+        features: try arrays.map { try feature(MLFeatureValue(multiArray: $0)) },
+        info: InputInfo(shape: shape, dtype: dtypeName(c.dataType), source: source, images: imagesInfo, preprocess: pre))
+}
+
 public enum CoreMLBenchmark {
     /// Compile and load the model, time the first prediction, `warmup` untimed and `iterations` timed predictions
-    /// on one random input, and describe the run in the bench result schema.
+    /// (iteration i on image i mod N, or on one random input), and describe the run in the bench result schema.
     public static func run(_ config: BenchConfig) async throws -> BenchResult {
         let units = try parseComputeUnits(config.computeUnits)
         guard config.warmup >= 0, config.iterations >= 1 else {
@@ -133,27 +257,23 @@ public enum CoreMLBenchmark {
         let model = try await MLModel.load(contentsOf: compiledURL, configuration: mlConfig)
         breakdown["load"] = milliseconds(t1.duration(to: clock.now))
 
-        let inputs = model.modelDescription.inputDescriptionsByName
-        guard inputs.count == 1, let entry = inputs.first, let constraint = entry.value.multiArrayConstraint else {
-            throw BenchError.unsupportedInput("\(inputs.keys.sorted())")
-        }
-        let name = entry.key
-        let array = try MLMultiArray(shape: constraint.shape, dataType: constraint.dataType)
-        var rng = SystemRandomNumberGenerator()
-        for i in 0..<array.count { array[i] = NSNumber(value: Float.random(in: -1...1, using: &rng)) }
-        let features = try MLDictionaryFeatureProvider(dictionary: [name: MLFeatureValue(multiArray: array)])
+        // Decoded and preprocessed after the load (not timed); the memory peak then includes the prepared inputs.
+        let prepared = try prepareInputs(model, config)
+        let features = prepared.features
+        let n = features.count
 
         let t2 = clock.now
-        _ = try model.prediction(from: features)
+        _ = try model.prediction(from: features[0])
         let first = milliseconds(t2.duration(to: clock.now))
 
         let thermalBefore = Platform.thermal()
-        for _ in 0..<config.warmup { _ = try model.prediction(from: features) }
+        for j in 0..<config.warmup { _ = try model.prediction(from: features[j % n]) }
         var samples: [Double] = []
         samples.reserveCapacity(config.iterations)
-        for _ in 0..<config.iterations {
+        for i in 0..<config.iterations {
+            let x = features[i % n]
             let t = clock.now
-            _ = try model.prediction(from: features)
+            _ = try model.prediction(from: x)
             samples.append(milliseconds(t.duration(to: clock.now)))
         }
         let thermalAfter = Platform.thermal()
@@ -168,7 +288,11 @@ public enum CoreMLBenchmark {
             notes.append("compute_plan: null (MLComputePlan needs iOS 17.4 / macOS 14.4)")
         }
         if !isCompiled { try? FileManager.default.removeItem(at: compiledURL) }
-        notes.append("latency_per_expert: null (the device harness runs one random input; see docs/BENCH_SCHEMA.md)")
+        notes.append(
+            prepared.info.source == "images"
+                ? "latency_per_expert: null on the device (no routing here); `mobile-vmoe bench --target ios --images` "
+                    + "fills it in on the host from the image order"
+                : "latency_per_expert: null (the device harness ran one random input; see docs/BENCH_SCHEMA.md)")
 
         let memory = Memory(
             kind: "phys_footprint_peak",
@@ -179,7 +303,7 @@ public enum CoreMLBenchmark {
         )
         return BenchResult(
             createdAt: ISO8601DateFormatter().string(from: Date()),
-            harness: Harness(name: "ios_bench", version: "1.0", isolatedProcess: false),
+            harness: Harness(name: "ios_bench", version: "1.1", isolatedProcess: false),
             device: Platform.device(),
             runtime: Runtime(name: "coreml", version: Platform.osVersion()),
             backend: Backend(
@@ -193,9 +317,7 @@ public enum CoreMLBenchmark {
                 routing: nil
             ),
             precision: nil,
-            input: InputInfo(
-                shape: constraint.shape.map { $0.intValue }, dtype: dtypeName(constraint.dataType), source: "random",
-                images: nil),
+            input: prepared.info,
             warmupIterations: config.warmup,
             timedIterations: config.iterations,
             coldLoadMs: breakdown.values.reduce(0, +),

@@ -1,6 +1,6 @@
 // vmoe-bench: run the Core ML benchmark on a Mac and write the bench result JSON (schema 1.0).
 //   swift run -c release vmoe-bench --model M.mlpackage [--compute-units all] [--warmup 10] [--iterations 50]
-//                                   [--output result.json]
+//                                   [--sidecar M.mlpackage.json --images DIR] [--output result.json]
 import Foundation
 import VMoEBench
 
@@ -9,7 +9,8 @@ import VMoEBench
         FileHandle.standardError.write(
             Data(
                 ("usage: vmoe-bench --model M.mlpackage [--compute-units all|cpuOnly|cpuAndGPU|cpuAndNeuralEngine] "
-                    + "[--warmup 10] [--iterations 50] [--output result.json]\n").utf8))
+                    + "[--warmup 10] [--iterations 50] [--sidecar M.mlpackage.json --images DIR] "
+                    + "[--output result.json]\n").utf8))
         exit(2)
     }
 
@@ -17,7 +18,9 @@ import VMoEBench
                                      "--output": "vmoe_bench.json"]
     var args = CommandLine.arguments.dropFirst()
     while let key = args.popFirst() {
-        guard options.keys.contains(key) || key == "--model", let value = args.popFirst() else { usage() }
+        guard options.keys.contains(key) || ["--model", "--sidecar", "--images"].contains(key),
+            let value = args.popFirst()
+        else { usage() }
         options[key] = value
     }
     guard let modelPath = options["--model"], let warmup = Int(options["--warmup"]!),
@@ -27,7 +30,8 @@ import VMoEBench
     do {
         let config = BenchConfig(
             modelURL: URL(fileURLWithPath: modelPath), computeUnits: options["--compute-units"]!, warmup: warmup,
-            iterations: iterations)
+            iterations: iterations, sidecarURL: options["--sidecar"].map { URL(fileURLWithPath: $0) },
+            imagesURL: options["--images"].map { URL(fileURLWithPath: $0) })
         let result = try await CoreMLBenchmark.run(config)
         let out = URL(fileURLWithPath: options["--output"]!)
         try ResultWriter.write(result, to: out)

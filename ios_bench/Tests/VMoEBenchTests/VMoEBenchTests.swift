@@ -6,16 +6,21 @@ import XCTest
 /// Runs the benchmark from environment variables. With xcodebuild, set them with the TEST_RUNNER_ prefix
 /// (xcodebuild strips it and passes the rest to the test process):
 ///   VMOE_MODEL           the .mlpackage: a file name under Tests/VMoEBenchTests/Models (bundled), or a path (macOS)
+///   VMOE_SIDECAR         its export sidecar (FILE.mlpackage.json), a name under Models/ or a path: the images'
+///                        preprocessing (resize the shorter side, centre crop, normalise)
+///   VMOE_IMAGES          a directory of images under Models/ (or a path); index.txt gives their order.
+///                        Iteration i runs on image i mod N; without it, one random input
 ///   VMOE_COMPUTE_UNITS   all | cpuOnly | cpuAndGPU | cpuAndNeuralEngine (default all)
 ///   VMOE_WARMUP          warm-up predictions (default 10)
 ///   VMOE_ITERATIONS      timed predictions (default 50)
 ///   VMOE_OUTPUT          where to write the JSON (default Documents/VMOE_RESULT_NAME)
 ///   VMOE_RESULT_NAME     file name in Documents (default vmoe_bench.json)
 final class VMoEBenchTests: XCTestCase {
-    func resolveModel(_ spec: String) throws -> URL {
+    /// A path, else a resource bundled under Models/ (what `mobile-vmoe bench --target ios` stages there).
+    func resolve(_ spec: String, _ what: String) throws -> URL {
         if FileManager.default.fileExists(atPath: spec) { return URL(fileURLWithPath: spec) }
         if let url = Bundle.module.url(forResource: spec, withExtension: nil, subdirectory: "Models") { return url }
-        throw BenchError.modelNotFound("\(spec) (neither a path nor a resource under Models/)")
+        throw BenchError.modelNotFound("\(what) \(spec) (neither a path nor a resource under Models/)")
     }
 
     func testBenchmark() async throws {
@@ -24,10 +29,12 @@ final class VMoEBenchTests: XCTestCase {
             throw XCTSkip("set VMOE_MODEL (TEST_RUNNER_VMOE_MODEL with xcodebuild) to run the benchmark")
         }
         let config = BenchConfig(
-            modelURL: try resolveModel(spec),
+            modelURL: try resolve(spec, "model"),
             computeUnits: env["VMOE_COMPUTE_UNITS"] ?? "all",
             warmup: Int(env["VMOE_WARMUP"] ?? "") ?? 10,
-            iterations: Int(env["VMOE_ITERATIONS"] ?? "") ?? 50
+            iterations: Int(env["VMOE_ITERATIONS"] ?? "") ?? 50,
+            sidecarURL: try env["VMOE_SIDECAR"].flatMap { $0.isEmpty ? nil : $0 }.map { try resolve($0, "sidecar") },
+            imagesURL: try env["VMOE_IMAGES"].flatMap { $0.isEmpty ? nil : $0 }.map { try resolve($0, "images") }
         )
         let result = try await CoreMLBenchmark.run(config)
         let out =
@@ -47,8 +54,50 @@ final class VMoEBenchTests: XCTestCase {
         XCTAssertEqual(result.samplesMs.count, config.iterations)
         XCTAssertEqual(result.stats, Stats(samples: result.samplesMs))
         XCTAssertGreaterThan(result.coldLoadMs, 0)
+        XCTAssertEqual(result.input.source, config.imagesURL == nil ? "random" : "images")
         let decoded = try JSONDecoder().decode(BenchResult.self, from: data)
         XCTAssertEqual(decoded.schemaVersion, "1.0")
+    }
+
+    func testResampleTapsFollowPIL() {
+        // Shrinking 4 -> 2 bilinear (PIL's coefficients): the triangle stretched x2, centred at 1.0, over inputs
+        // 0, 1, 2 with raw weights 0.75, 0.75, 0.25 -> 3/7, 3/7, 1/7.
+        let taps = resampleTaps(inSize: 4, outSize: 2, filter: "bilinear")
+        XCTAssertEqual(taps[0].start, 0)
+        XCTAssertEqual(taps[0].weights.count, 3)
+        XCTAssertEqual(taps[0].weights[0], 3.0 / 7.0, accuracy: 1e-6)
+        XCTAssertEqual(taps[0].weights[2], 1.0 / 7.0, accuracy: 1e-6)
+        XCTAssertEqual(taps[1].start, 1)
+        // PIL's nearest takes input 14 for output 13 of 40 -> 36 (13.5 * 40 / 36 accumulates to just under 15).
+        XCTAssertEqual(resampleTaps(inSize: 40, outSize: 36, filter: "nearest")[13].start, 14)
+        // Same size: every filter is the identity.
+        for filter in Preprocess.interpolations {
+            for (i, t) in resampleTaps(inSize: 5, outSize: 5, filter: filter).enumerated() {
+                let w = t.weights
+                XCTAssertEqual(w[i - t.start], 1, accuracy: 1e-6)
+                XCTAssertEqual(w.reduce(0, +), 1, accuracy: 1e-6)
+            }
+        }
+        XCTAssertEqual(kernel("bicubic", 0), 1)
+        XCTAssertEqual(kernel("bicubic", 1), 0)
+        XCTAssertEqual(kernel("bicubic", 1.5), -0.0625, accuracy: 1e-12)
+    }
+
+    func testResizeAndCropFollowPILAndTorchvision() throws {
+        // 6 x 4 image (red = 0...23), resize 3 (shorter side) -> 4 x 3, centre crop 2: left = round(1.0) = 1,
+        // top = round(0.5) = 0. PIL + torchvision give [[2, 3], [14, 15]].
+        var planes = [Float](repeating: 0, count: 3 * 6 * 4)
+        for i in 0..<(6 * 4) { planes[i] = Float(i) }
+        let image = RGBImage(width: 6, height: 4, planes: planes)
+        let pre = Preprocess(size: 2, resize: 3, interpolation: "nearest", mean: [0, 0, 0], std: [1, 1, 1])
+        try pre.validate("test")
+        let resized = image.resized(width: 4, height: 3, filter: "nearest")
+        XCTAssertEqual(Array(resized.planes[0..<12]), [0, 2, 3, 5, 12, 14, 15, 17, 18, 20, 21, 23])
+        let crop = resized.cropped(left: 1, top: 0, width: 2, height: 2)
+        XCTAssertEqual(Array(crop.planes[0..<4]), [2, 3, 14, 15])
+        XCTAssertEqual(pre.normalised(crop)[1], 3.0 / 255.0, accuracy: 1e-6)
+        XCTAssertThrowsError(
+            try Preprocess(size: 4, resize: 3, interpolation: "bicubic", mean: [0, 0, 0], std: [1, 1, 1]).validate("x"))
     }
 
     func testStatsFollowNumpyConventions() {

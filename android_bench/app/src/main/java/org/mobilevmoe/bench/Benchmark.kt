@@ -21,8 +21,45 @@ data class BenchConfig(
     val warmup: Int = 10,
     val iterations: Int = 50,
     /** 0 = the runtime's default thread count. */
-    val threads: Int = 0
+    val threads: Int = 0,
+    /** The export sidecar (FILE.pte.json): its `preprocess` is applied to the images. */
+    val sidecarPath: String? = null,
+    /** A directory of images (index.txt gives their order): iteration i runs on image i mod N; null: random. */
+    val imagesDir: String? = null
 )
+
+/** The inputs of one run, prepared before the memory mark, and their description for the result. */
+class PreparedInputs(val values: List<EValue>, val info: JSONObject)
+
+/**
+ * The images of [config] preprocessed as the sidecar says (resize the shorter side, centre crop, normalise), one
+ * tensor each, or one random tensor.
+ */
+fun prepareInputs(config: BenchConfig): PreparedInputs {
+    val info = JSONObject().put("shape", JSONArray(config.shape.toList())).put("dtype", "float32")
+    val imagesDir = config.imagesDir
+    if (imagesDir == null) {
+        val numel = config.shape.fold(1L) { acc, d -> acc * d }.toInt()
+        val rng = Random(0)
+        val input = EValue.from(Tensor.fromBlob(FloatArray(numel) { rng.nextFloat() * 2f - 1f }, config.shape))
+        info.put("source", "random").put("images", JSONObject.NULL).put("preprocess", JSONObject.NULL)
+        return PreparedInputs(listOf(input), info)
+    }
+    val sidecar = requireNotNull(config.sidecarPath) {
+        "--es images needs --es sidecar FILE.pte.json: its preprocess says how to resize, crop and normalise them"
+    }
+    val pre = Preprocess.fromSidecar(File(sidecar))
+    val s = config.shape
+    require(s.size == 4 && s[1] == 3L && s[2] == pre.size.toLong() && s[3] == pre.size.toLong()) {
+        "the program's input is ${s.toList()} but the sidecar's preprocess makes [1, 3, ${pre.size}, ${pre.size}]"
+    }
+    val files = Preprocess.imageFiles(File(imagesDir)).take(config.iterations)
+    val values = files.map { EValue.from(Tensor.fromBlob(pre.normalised(pre.crop(it)), config.shape)) }
+    info.put("source", "images")
+        .put("images", JSONObject().put("dir", imagesDir).put("count", files.size))
+        .put("preprocess", pre.toJson())
+    return PreparedInputs(values, info)
+}
 
 /** Same conventions as mobile_vmoe.bench.latency_stats (numpy linear percentiles, ddof = 0 std). */
 object Stats {
@@ -107,7 +144,8 @@ object Benchmark {
 
     /**
      * Load the program and its "forward" method (cold load), time the first inference, run `warmup` untimed and
-     * `iterations` timed inferences on one random input, and return the bench result (schema 1.0) as JSON.
+     * `iterations` timed inferences (iteration i on image i mod N, or on one random input), and return the bench
+     * result (schema 1.0) as JSON.
      */
     fun run(context: Context, config: BenchConfig): JSONObject {
         require(config.warmup >= 0 && config.iterations >= 1) {
@@ -116,9 +154,9 @@ object Benchmark {
         val file = File(config.modelPath)
         require(file.isFile && file.canRead()) { "model not readable: ${config.modelPath} (adb push it first)" }
         val notes = JSONArray()
-        val numel = config.shape.fold(1L) { acc, d -> acc * d }.toInt()
-        val rng = Random(0)
-        val input = EValue.from(Tensor.fromBlob(FloatArray(numel) { rng.nextFloat() * 2f - 1f }, config.shape))
+        val prepared = prepareInputs(config)
+        val inputs = prepared.values
+        val n = inputs.size
 
         val peakReset = Platform.resetPeakRss()
         if (!peakReset) notes.put("could not reset VmHWM before loading: peak_bytes includes the app's start-up")
@@ -131,28 +169,34 @@ object Benchmark {
         val breakdown = JSONObject().put("load_program", ms(t0, t1)).put("load_method", ms(t1, t2))
 
         val t3 = System.nanoTime()
-        module.forward(input)
+        module.forward(inputs[0])
         val first = ms(t3, System.nanoTime())
 
         val thermalBefore = Platform.thermal(context)
-        repeat(config.warmup) { module.forward(input) }
+        repeat(config.warmup) { j -> module.forward(inputs[j % n]) }
         val samples = ArrayList<Double>(config.iterations)
-        repeat(config.iterations) {
+        repeat(config.iterations) { i ->
+            val x = inputs[i % n]
             val t = System.nanoTime()
-            module.forward(input)
+            module.forward(x)
             samples.add(ms(t, System.nanoTime()))
         }
         val thermalAfter = Platform.thermal(context)
         val peak = Platform.procStatusBytes("VmHWM")
         val pss = Platform.pssTotalBytes()
         module.destroy()
-        notes.put("latency_per_expert: null (the device harness runs one random input; see docs/BENCH_SCHEMA.md)")
+        notes.put(
+            if (config.imagesDir != null)
+                "latency_per_expert: null on the device (no routing here); `mobile-vmoe bench --target android " +
+                    "--images` fills it in on the host from the image order"
+            else "latency_per_expert: null (the device harness ran one random input; see docs/BENCH_SCHEMA.md)"
+        )
 
         val delta: Any = if (peak != null && before != null && peakReset) peak - before else JSONObject.NULL
         return JSONObject()
             .put("schema_version", "1.0")
             .put("created_at", Instant.now().toString())
-            .put("harness", JSONObject().put("name", "android_bench").put("version", "1.0")
+            .put("harness", JSONObject().put("name", "android_bench").put("version", "1.1")
                 .put("isolated_process", true))
             .put("device", Platform.device())
             .put("runtime", JSONObject().put("name", "executorch").put("version", BuildConfig.EXECUTORCH_VERSION))
@@ -170,11 +214,7 @@ object Benchmark {
                 .put("sidecar", JSONObject.NULL)
                 .put("routing", JSONObject.NULL))
             .put("precision", JSONObject.NULL)
-            .put("input", JSONObject()
-                .put("shape", JSONArray(config.shape.toList()))
-                .put("dtype", "float32")
-                .put("source", "random")
-                .put("images", JSONObject.NULL))
+            .put("input", prepared.info)
             .put("warmup_iterations", config.warmup)
             .put("timed_iterations", config.iterations)
             .put("cold_load_ms", ms(t0, t2))

@@ -12,7 +12,11 @@ import java.io.File
  *
  *   adb shell am start -W -S -n org.mobilevmoe.bench/.BenchmarkActivity \
  *       --es model /data/local/tmp/vmoe/model.pte --es shape 1,3,224,224 \
- *       --ei warmup 10 --ei iterations 50 [--ei threads 4] --es out vmoe_bench.json
+ *       --ei warmup 10 --ei iterations 50 [--ei threads 4] --es out vmoe_bench.json \
+ *       [--es sidecar /data/local/tmp/vmoe/model.pte.json --es images /data/local/tmp/vmoe/images]
+ *
+ * With `images`, iteration i runs on image i mod N (index.txt gives the order), preprocessed as the sidecar's
+ * `preprocess` says; without it, on one random input.
  *
  * Writes files/<out> (and a copy under the external files dir) when done, or files/<out>.error.txt on failure;
  * both are written to a temporary name first and renamed, so a file that exists is complete.
@@ -40,7 +44,9 @@ class BenchmarkActivity : Activity() {
                     shape = shape,
                     warmup = intent.getIntExtra("warmup", 10),
                     iterations = intent.getIntExtra("iterations", 50),
-                    threads = intent.getIntExtra("threads", 0)
+                    threads = intent.getIntExtra("threads", 0),
+                    sidecarPath = intent.getStringExtra("sidecar"),
+                    imagesDir = intent.getStringExtra("images")
                 )
                 Log.i(TAG, "start $config")
                 val json = Benchmark.run(this, config).toString(2)

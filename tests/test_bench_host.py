@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -117,6 +116,7 @@ def test_host_pte_and_onnx_results_validate(results, files):
     assert pte["model"]["sidecar"]["checkpoint"] == str(files["ckpt"])
     assert pte["model"]["routing"] == {"E": 4, "K": 1, "L": 2} and pte["precision"] == "fp32"
     assert pte["input"]["source"] == "images" and pte["input"]["images"]["count"] == 12
+    assert pte["input"]["preprocess"] == pte["model"]["sidecar"]["preprocess"]  # the sidecar's, as on phones
     onnx = json.loads(results["onnx"].read_text())
     assert onnx["backend"]["threads"] == 1 and onnx["model"]["sidecar"] is None
     assert onnx["latency_per_expert"] is None and any("no --images" in n for n in onnx["notes"])
@@ -233,59 +233,21 @@ def test_ingest_recomputes_stats(results):
     assert any("recomputed" in n for n in out["notes"])
 
 
-def test_ios_commands():
-    c = B.ios_commands("/m/model.mlpackage", device="00008110-ABC", compute_units="cpuAndNeuralEngine",
-                       warmup=5, iterations=20, result_path="/tmp/r.json", bundle_id="com.example.runner")  # fmt: skip
-    t = c["test"]
-    assert t[0] == "env" and "TEST_RUNNER_VMOE_MODEL=model.mlpackage" in t
-    assert "TEST_RUNNER_VMOE_COMPUTE_UNITS=cpuAndNeuralEngine" in t and "TEST_RUNNER_VMOE_ITERATIONS=20" in t
-    i = t.index("xcodebuild")
-    assert t[i : i + 6] == [
-        "xcodebuild",
-        "test",
-        "-scheme",
-        B.IOS_SCHEME,
-        "-destination",
-        "platform=iOS,id=00008110-ABC",
-    ]
-    assert c["pull"] == [
-        "xcrun", "devicectl", "device", "copy", "from", "--device", "00008110-ABC", "--domain-type",
-        "appDataContainer", "--domain-identifier", "com.example.runner", "--source",
-        f"Documents/{B.IOS_RESULT_NAME}", "--destination", "/tmp/r.json",
-    ]  # fmt: skip
-    mac = B.ios_commands("/m/model.mlpackage", device=None)["run"]
-    assert mac[:2] == ["swift", "run"] and mac[mac.index("--compute-units") + 1] == "all"
-    with pytest.raises(UserError, match="compute-units"):
-        B.ios_commands("/m/model.mlpackage", device="x", compute_units="gpu")
+def test_phone_result_completed_on_host(results, files):
+    """A result pulled from a phone that ran the staged images gets the host's grouping by routed expert."""
+    from mobile_vmoe.bench.phones import PhoneRun, _complete
+    from mobile_vmoe.files.sidecar import find_sidecar
 
-
-def test_android_commands():
-    c = B.android_commands("/m/model.pte", serial="emulator-5554", warmup=3, iterations=7, threads=4,
-                           shape=[1, 3, 32, 32])  # fmt: skip
-    adb = ["adb", "-s", "emulator-5554"]
-    assert c["push"] == [*adb, "push", "/m/model.pte", f"{B.ANDROID_DEVICE_DIR}/model.pte"]
-    assert c["install"][:4] == [*adb, "install"] and c["install"][-1].endswith("app-debug.apk")
-    s = c["start"]
-    assert s[: len(adb) + 3] == [*adb, "shell", "am", "start"]
-    assert s[s.index("-n") + 1] == f"{B.ANDROID_PACKAGE}/{B.ANDROID_ACTIVITY}"
-    opts = {s[i + 1]: s[i + 2] for i in range(len(s) - 2) if s[i] in ("--es", "--ei")}
-    assert opts == {"model": f"{B.ANDROID_DEVICE_DIR}/model.pte", "warmup": "3", "iterations": "7",
-                    "out": "vmoe_bench.json", "threads": "4", "shape": "1,3,32,32"}  # fmt: skip
-    assert c["pull"] == [*adb, "exec-out", "run-as", B.ANDROID_PACKAGE, "cat", "files/vmoe_bench.json"]
-    assert c["build"][0] == "gradle" and c["build"][-1] == ":app:assembleDebug"
-    assert "build" not in B.android_commands("/m/model.pte", apk="/x/app.apk")
-
-
-def test_drivers_refuse_without_tools(files, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    out = str(tmp_path / "r.json")
-    assert main(["bench", "--target", "android", str(files["pte"]), "--json", out]) == 2
-    err = capsys.readouterr().err
-    assert "adb not found" in err and "platform-tools" in err and "gradle not found" in err
-    mlpkg = tmp_path / "m.mlpackage"
-    mlpkg.mkdir()
-    with pytest.raises(UserError, match="xcodebuild not found.*Xcode"):
-        B.bench_device("ios", mlpkg, json_out=out, device="00008110-ABC")
-    with pytest.raises(UserError, match="runs .pte files"):
-        B.bench_device("android", files["onnx"], json_out=out)
-    assert not (tmp_path / "r.json").exists()
+    # what the Android harness writes, before the host adds to it
+    pulled = json.loads(results["pte"].read_text())
+    pulled.update(latency_per_expert=None, precision=None, notes=["latency_per_expert: null on the device"])
+    pulled["model"].update(sidecar=None, routing=None, name=None)
+    pulled["backend"].update(name="cpu", delegates=[])
+    sidecar_path, sidecar = find_sidecar(files["pte"])
+    run = PhoneRun(files["pte"], sidecar_path, sidecar, B.list_images(files["images"]), 2, 12, 60.0)
+    doc = _complete(pulled, "android", run, files["images"], ["XnnpackBackend"])
+    assert doc["latency_per_expert"] == results["pte_doc"]["latency_per_expert"]
+    assert doc["model"]["routing"] == {"E": 4, "K": 1, "L": 2} and doc["model"]["name"] == NAME
+    assert doc["backend"]["name"] == "xnnpack" and doc["precision"] == "fp32"
+    assert doc["input"]["images"] == {"dir": str(files["images"]), "count": 12}
+    assert not any(n.startswith("latency_per_expert") for n in doc["notes"])
