@@ -142,6 +142,9 @@ def per_expert_latency(
     if not getattr(eager, "is_moe", False):
         notes.append("latency_per_expert: null (dense model)")
         return None
+    if getattr(eager, "moe_routing", None) == "token":
+        notes.append("latency_per_expert: null (per-token routing: every image runs several experts)")
+        return None
     size = Preprocess.for_model(eager).size
     if size != pre.size:
         notes.append(
