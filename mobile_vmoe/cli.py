@@ -51,6 +51,8 @@ def models_table(names: list[str] | None = None) -> str:
         m = timm.create_model(name)
         p = profile_model(m)
         kind = f"MoE E={m.num_experts} K={m.top_k} L={m.num_moe_layers}" if m.is_moe else "dense"
+        if getattr(m, "moe_routing", None) == "token":
+            kind = f"per-token MoE E={m.num_experts} K={m.top_k} L={m.num_moe_layers}"
         size = m.pretrained_cfg["input_size"][-1]
         rows.append(
             f"| {name} | {kind} | {size} px | {p.params / 1e6:.2f} | {p.active_params / 1e6:.2f} | {p.flops / 1e9:.3f} |"

@@ -211,9 +211,11 @@ def _cli(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "dataset", help="build a built-in dataset (synthetic | digits), or check a dataset folder"
+        "dataset", help="build a built-in dataset (synthetic | digits | mnist), or check a dataset folder"
     )
-    p.add_argument("spec", help="synthetic | digits | path to an ImageFolder dataset (DIR/train/<class>/...)")
+    p.add_argument(
+        "spec", help="synthetic | digits | mnist | path to an ImageFolder dataset (DIR/train/<class>/...)"
+    )
     p.add_argument("--root", default="data", help="where built-in datasets are built (default: data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None)
