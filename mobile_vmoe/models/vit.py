@@ -412,43 +412,52 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileVMoE:
-    """Build ``variant`` through timm's factory: pretrained weights (``pretrained_cfg_overlay=dict(file=...)``,
-    filtered by ``checkpoint_filter_fn``), ``features_only`` (the getter over ``forward_intermediates``),
-    ``device`` and ``dtype``."""
-    size, res, moe = VARIANTS[variant]
+def base_args(size: str, res: str) -> dict[str, Any]:
+    """VisionTransformer kwargs of a size (width, heads; depth 12) at a resolution (image, patch, classes)."""
     dim, heads = MODEL_SIZES[size]
     img_size, patch, num_classes = RESOLUTIONS[res]
-    args: dict[str, Any] = dict(
+    return dict(
         img_size=img_size, patch_size=patch, embed_dim=dim, depth=12, num_heads=heads, num_classes=num_classes
     )
-    if moe:
-        args.update(num_experts=10, top_k=1, num_moe_layers=2)
-    elif kwargs.get("num_moe_layers"):
-        raise ValueError(f"{variant} is a dense model; use mobile_vmoe_{size}_{res} for a MoE")
-    args.update(kwargs)
+
+
+def build_variant(cls: type, variant: str, pretrained: bool, filter_fn: Any, args: dict[str, Any]) -> Any:
+    """timm's factory: pretrained weights (``pretrained_cfg_overlay=dict(file=...)``, filtered by ``filter_fn``),
+    ``features_only`` (the getter over ``forward_intermediates``), ``device`` and ``dtype``."""
     out_indices = args.pop("out_indices", 3)
     return build_model_with_cfg(
-        MobileVMoE,
+        cls,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=filter_fn,
         pretrained_strict=args.pop("pretrained_strict", True),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **args,
     )
 
 
-def _register(name: str) -> None:
-    def fn(pretrained: bool = False, **kwargs: Any) -> MobileVMoE:
-        return _create(name, pretrained=pretrained, **kwargs)
+def register_variant(name: str, create: Any, doc: str, namespace: dict[str, Any]) -> None:
+    """Register ``create(name, ...)`` with timm as ``name`` (as a function of the module owning ``namespace``)."""
 
-    fn.__name__ = name
-    fn.__qualname__ = name
-    fn.__module__ = __name__
-    fn.__doc__ = f"{name}: {'Mobile V-MoE' if VARIANTS[name][2] else 'dense ViT'}, see MobileVMoE."
+    def fn(pretrained: bool = False, **kwargs: Any) -> Any:
+        return create(name, pretrained=pretrained, **kwargs)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = namespace["__name__"]
+    fn.__doc__ = doc
     register_model(fn)
-    globals()[name] = fn
+    namespace[name] = fn
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileVMoE:
+    size, res, moe = VARIANTS[variant]
+    args = base_args(size, res)
+    if moe:
+        args.update(num_experts=10, top_k=1, num_moe_layers=2)
+    elif kwargs.get("num_moe_layers"):
+        raise ValueError(f"{variant} is a dense model; use mobile_vmoe_{size}_{res} for a MoE")
+    args.update(kwargs)
+    return build_variant(MobileVMoE, variant, pretrained, checkpoint_filter_fn, args)
 
 
 # The two names the paper's headline pair is known by, written out as timm does.
@@ -466,4 +475,5 @@ def mobile_vmoe_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> Mob
 
 for _name in VARIANTS:
     if _name not in globals():
-        _register(_name)
+        kind = "Mobile V-MoE" if VARIANTS[_name][2] else "dense ViT"
+        register_variant(_name, _create, f"{_name}: {kind}, see MobileVMoE.", globals())

@@ -12,12 +12,12 @@ layer groups, features) apply unchanged.
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from .token_moe import TokenMoEMlp, TokenRouting
-from .vit import MODEL_SIZES, RESOLUTIONS, SMALL_IMAGE_SIZES, _cfg
+from .vit import MODEL_SIZES, RESOLUTIONS, SMALL_IMAGE_SIZES, _cfg, base_args, build_variant, register_variant
 
 __all__ = ["TokenVMoE", "TOKEN_VARIANTS", "moe_block_indices"]
 
@@ -142,35 +142,10 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenVMoE:
-    size, res = TOKEN_VARIANTS[variant]
-    dim, heads = MODEL_SIZES[size]
-    img_size, patch, num_classes = RESOLUTIONS[res]
-    args: dict[str, Any] = dict(
-        img_size=img_size, patch_size=patch, embed_dim=dim, depth=12, num_heads=heads, num_classes=num_classes
-    )
+    args = base_args(*TOKEN_VARIANTS[variant])
     args.update(kwargs)
-    out_indices = args.pop("out_indices", 3)
-    return build_model_with_cfg(
-        TokenVMoE,
-        variant,
-        pretrained,
-        pretrained_filter_fn=vit_checkpoint_filter_fn,
-        pretrained_strict=args.pop("pretrained_strict", True),
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **args,
-    )
-
-
-def _register(name: str) -> None:
-    def fn(pretrained: bool = False, **kwargs: Any) -> TokenVMoE:
-        return _create(name, pretrained=pretrained, **kwargs)
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__module__ = __name__
-    fn.__doc__ = f"{name}: V-MoE (per-token routing), see TokenVMoE."
-    register_model(fn)
-    globals()[name] = fn
+    return build_variant(TokenVMoE, variant, pretrained, vit_checkpoint_filter_fn, args)
 
 
 for _name in TOKEN_VARIANTS:
-    _register(_name)
+    register_variant(_name, _create, f"{_name}: V-MoE (per-token routing), see TokenVMoE.", globals())
