@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .common import UserError
 
@@ -60,13 +60,24 @@ def models_table(names: list[str] | None = None) -> str:
     return "\n".join(rows)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (callers, tests among them, replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """One stderr handler, message only; levels as in the module docstring. Safe to call again."""
     root = logging.getLogger()
-    if not any(getattr(h, "_mobile_vmoe", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._mobile_vmoe = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     # libraries log at INFO by the hundred (e.g. ONNX's optimiser, one line per folded initialiser)
     root.setLevel(logging.INFO if verbose else logging.ERROR)
