@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from mobile_vmoe.export.formats import INT8_SCHEMES, OnnxRunner, PteRunner, export_onnx, lower_pte
+from mobile_vmoe.export.onnx_export import OnnxRunner, export_onnx
+from mobile_vmoe.export.pte import INT8_SCHEMES, PteRunner, lower_pte
 
 import mobile_vmoe.models  # noqa: F401  (registers the model names)
 from mobile_vmoe.bench import latency_stats

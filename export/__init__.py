@@ -11,6 +11,7 @@ parity, size, library versions; docs/FILES.md).
 CLI: ``mobile-vmoe export --checkpoint CKPT --format pte|coreml|onnx [--quantize int8] [--out FILE]``.
 """
 
-from .core import DEFAULT_NUM_VERIFY, FORMATS, VerificationError, export_model
+from .core import DEFAULT_NUM_VERIFY, FORMATS, export_model
+from .verify import VerificationError
 
 __all__ = ["export_model", "VerificationError", "FORMATS", "DEFAULT_NUM_VERIFY"]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
-from ..common import UserError
-from .core import DEFAULT_NUM_CALIBRATE, DEFAULT_NUM_VERIFY, FORMATS, VerificationError, export_model
-from .formats import INT8_SCHEMES
+from mobile_vmoe.common import UserError
+
+from .core import DEFAULT_NUM_CALIBRATE, DEFAULT_NUM_VERIFY, FORMATS, export_model
+from .pte import INT8_SCHEMES
+from .verify import VerificationError
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -27,6 +30,8 @@ def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:  # progress lines off a terminal (library chatter: see quiet.py)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         export_model(
             args.format,

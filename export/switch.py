@@ -11,8 +11,8 @@ ceil(log2 E), scalar comparisons), so each branch holds one expert with constant
 
 * ONNX Runtime: a branch slices the stacked parameters at a constant index; ORT folds the slices into
   initialisers when the session loads, so the branch's MatMuls use pre-packed weights (and fuse bias + GELU).
-* ExecuTorch: the XNNPACK partitioner does not look inside ``cond`` branches, so ``lower_experts`` lowers every
-  expert MLP to XNNPACK on its own first (its weights become constants of that delegate) and the branch calls
+* ExecuTorch: the XNNPACK partitioner does not look inside ``cond`` branches, so every expert MLP is lowered to
+  XNNPACK on its own first (``delegates.ExpertLowering``) (its weights become constants of that delegate) and the branch calls
   the lowered module. PT2E quantization does not enter ``cond`` branches either, so the program is first
   exported (and quantised) with each MoE MLP as one opaque op (``opaque_experts``); ``splice_switches`` then
   replaces the ops by switches. The result is exported again with ``strict=True``: non-strict export evaluates
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -35,31 +34,16 @@ from torch import nn
 
 from mobile_vmoe.models.moe import ExpertMlp, MoEBlock, Routing
 
+from .delegates import ExpertLowering
+
 __all__ = [
     "ExpertSwitch",
     "has_experts",
     "switch_experts",
-    "lower_experts",
     "opaque_experts",
     "splice_switches",
+    "count_expert_ops",
 ]
-
-
-class _OneExpert(nn.Module):
-    """Expert ``e`` of an ``ExpertMlp`` as a dense timm-style MLP (nn.Linear layout): what one delegate holds."""
-
-    def __init__(self, mlp: ExpertMlp, e: int) -> None:
-        super().__init__()
-        _, D, H = mlp.fc1_weight.shape
-        self.fc1, self.act, self.fc2 = nn.Linear(D, H), copy.deepcopy(mlp.act), nn.Linear(H, D)
-        with torch.no_grad():
-            self.fc1.weight.copy_(mlp.fc1_weight[e].t())
-            self.fc1.bias.copy_(mlp.fc1_bias[e])
-            self.fc2.weight.copy_(mlp.fc2_weight[e].t())
-            self.fc2.bias.copy_(mlp.fc2_bias[e])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class ExpertSwitch(nn.Module):
@@ -120,40 +104,6 @@ class ExpertSwitch(nn.Module):
             lambda x, idx, gates: self.mlp._forward_gather(x, Routing(routing.logits, idx, gates)),
             (x, idx, gates),
         )
-
-
-def lower_experts(mlp: ExpertMlp, shape: Sequence[int]) -> list[nn.Module]:
-    """Each expert of ``mlp`` lowered to XNNPACK on its own, for inputs of ``shape`` ([1, T, D]).
-
-    Raises if any op of an expert stays outside the delegate: the branch calls only the lowered module.
-    """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-    from executorch.exir.delegate import executorch_call_delegate
-    from executorch.exir.lowered_backend_module import LoweredBackendModule
-
-    x = torch.zeros(*shape)
-    lowered: list[nn.Module] = []
-    for e in range(mlp.num_experts):
-        with torch.no_grad():
-            ep = torch.export.export(_OneExpert(mlp, e).eval(), (x,))
-            gm = (
-                to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-                .exported_program()
-                .graph_module
-            )
-        mods = [m for m in gm.children() if isinstance(m, LoweredBackendModule)]
-        rest = [
-            n.target
-            for n in gm.graph.nodes
-            if n.op == "call_function" and n.target not in (executorch_call_delegate, operator.getitem)
-        ]
-        if len(mods) != 1 or rest:
-            raise RuntimeError(
-                f"expert {e} did not lower to one XNNPACK subgraph: {len(mods)} subgraphs, {rest}"
-            )
-        lowered.append(mods[0])
-    return lowered
 
 
 # PT2E quantization does not enter torch.cond branches, so a .pte's experts are spliced in after it: the MoE
@@ -224,12 +174,19 @@ def opaque_experts(model: nn.Module) -> Iterator[nn.Module]:
             _OPAQUE.pop(m.key, None)
 
 
-def splice_switches(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
+def splice_switches(
+    gm: torch.fx.GraphModule,
+    example: torch.Tensor,
+    lowering: ExpertLowering | None = None,
+    progress: Callable[[], None] | None = None,
+) -> int:
     """Replace each opaque expert op of ``gm`` by an ``ExpertSwitch`` over experts lowered to XNNPACK.
 
-    Needs ``opaque_experts``' context open. ``example`` (batch 1) gives the experts' input shapes. Returns the
-    number of ops replaced. Export the result with ``strict=True`` (see the module doc).
+    Needs ``opaque_experts``' context open. ``example`` (batch 1) gives the experts' input shapes; ``lowering``
+    lowers the experts (default: a new ``ExpertLowering``), ``progress()`` is called after each expert. Returns
+    the number of ops replaced. Export the result with ``strict=True`` (see the module doc).
     """
+    lowering = lowering or ExpertLowering()
     _SHAPES.clear()
     with torch.no_grad():
         gm(example)  # the opaque ops record their input shapes
@@ -243,7 +200,8 @@ def splice_switches(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
             raise ValueError(f"lowered experts run one image at a time; the example has batch {shape[0]}")
         mlp = _OPAQUE[key]
         name = f"expert_switch_{n}"
-        gm.add_submodule(name, _SwitchCall(ExpertSwitch(mlp, lower_experts(mlp, shape), fallback=False)))
+        experts = lowering(mlp, shape, progress)
+        gm.add_submodule(name, _SwitchCall(ExpertSwitch(mlp, experts, fallback=False)))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (x, idx, gates))
         node.replace_all_uses_with(new)
@@ -252,6 +210,12 @@ def splice_switches(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
     gm.graph.lint()
     gm.recompile()
     return n
+
+
+def count_expert_ops(gm: torch.fx.GraphModule) -> int:
+    """How many opaque expert ops ``gm`` holds (what ``splice_switches`` will lower: E experts each)."""
+    target = torch.ops.mobile_vmoe.expert_mlp.default
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
 def switch_experts(model: nn.Module) -> nn.Module:

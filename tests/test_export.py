@@ -4,16 +4,20 @@ leaving nothing behind."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from mobile_vmoe.export import VerificationError, export_model
+from mobile_vmoe.export.core import remove_stale_temporaries
 from mobile_vmoe.export.quantize import int8_candidates, select_fp32_layers, simulated_int8
 from safetensors.torch import save_file
 
-from mobile_vmoe.checkpoint import load_model
+from mobile_vmoe.checkpoint import ModelMeta, load_model, save_model
 from mobile_vmoe.cli import main
 from mobile_vmoe.common import UserError
 from mobile_vmoe.config import load_config
@@ -75,6 +79,19 @@ def run_artifact(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
+def killed_writer(target: Path, suffix: str = "") -> Path:
+    """The temporary a writer killed inside ``common.atomic_path(target)`` leaves behind (a real kill)."""
+    code = (
+        "import os, sys; from mobile_vmoe.common import atomic_path\n"
+        "tmp = atomic_path(sys.argv[1], suffix=sys.argv[2]).__enter__()\n"
+        "tmp.write_bytes(b'half-written'); print(tmp, flush=True); os._exit(9)"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(target), suffix], capture_output=True, text=True)
+    left = Path(run.stdout.strip())
+    assert run.returncode == 9 and left.parent == target.parent and left.exists()
+    return left
+
+
 def coreml_class_labels(spec) -> list[str]:
     """The class names held by the ML program's classify op (an immediate list of strings)."""
     f = spec.mlProgram.functions["main"]
@@ -92,6 +109,8 @@ def coreml_class_labels(spec) -> list[str]:
 @pytest.mark.parametrize("fmt", ["pte", "onnx", "coreml"])
 def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
     out = tmp_path / f"m{EXT[fmt]}"
+    killed_writer(out, EXT[fmt])  # a killed export's half-written artifact: cleaned before this one starts
+    killed_writer(out.with_name(out.name + ".json"))
     got = export_model(fmt, out, checkpoint=runs[kind], num_verify=NUM_VERIFY, verbose=False)
     assert got == out and out.exists()
     assert only(tmp_path) == [out.name, out.name + ".json"]
@@ -280,6 +299,57 @@ def test_failed_verification_leaves_nothing(runs, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(runs["dense"]), "--format", "pte", "--quantize", "int8", "--out",
                  str(out), "--num-verify", "8", "--atol", "1e-6"]) == 1  # fmt: skip
     assert only(tmp_path) == []
+
+
+def test_stale_temporaries_of_the_same_target_only(tmp_path):
+    """What an export cleans first: its own target's and sidecar's temporaries, nothing else."""
+    out = tmp_path / "m.pte"
+    stale = [killed_writer(out, ".pte"), killed_writer(tmp_path / "m.pte.json")]
+    stale.append(killed_writer(tmp_path / stale[1].name))  # the sidecar written at its temporary path
+    stale.append(tmp_path / ".m.pte.ab_cd123.pte.tmp")
+    stale[-1].mkdir()  # save_coreml stages a folder
+    kept = [
+        killed_writer(tmp_path / "other.pte", ".pte"),  # another target's
+        killed_writer(tmp_path / "m.pte.x.pte", ".pte"),  # a target whose name starts like this one's
+        tmp_path / ".m.pte.notes.tmp",  # not tempfile's 8 random characters
+        tmp_path / "m.pte.tmp",
+    ]
+    for p in kept[2:]:
+        p.write_text("keep")
+    assert sorted(remove_stale_temporaries(out)) == sorted(stale)
+    assert only(tmp_path) == sorted(p.name for p in kept)
+
+
+def test_wrong_typed_model_kwarg_is_a_user_error(runs, tmp_path, capsys):
+    net, meta = load_model(runs["moe"])
+    bad = ModelMeta(
+        meta.model, {**meta.model_kwargs, "num_experts": "ten"}, meta.class_names, meta.preprocess
+    )
+    path = save_model(tmp_path / "bad.safetensors", net, bad)
+    out = tmp_path / "bad.onnx"
+    assert main(["export", "--checkpoint", str(path), "--format", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "model_kwargs" in err and "'ten'" in err
+    assert only(tmp_path) == ["bad.safetensors"]
+
+
+def test_quiet_unless_verbose(runs, tmp_path, caplog, capfd):
+    """Library chatter (the ONNX optimiser logs every initializer it merges) stays out of an export's output
+    unless the mobile_vmoe logger is at DEBUG (`mobile-vmoe -v`); the export's own steps are logged."""
+
+    def chatter() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.split(".")[0] in ("onnx_ir", "onnxscript", "torch")]
+
+    caplog.set_level(logging.INFO)
+    export_model("onnx", tmp_path / "q.onnx", checkpoint=runs["dense"], num_verify=4, verbose=False)
+    assert chatter() == [] and "Replaced initializer" not in "".join(capfd.readouterr())
+    assert any(
+        r.name.startswith("mobile_vmoe.export") and "verifying" in r.getMessage() for r in caplog.records
+    )
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="mobile_vmoe")
+    export_model("onnx", tmp_path / "v.onnx", checkpoint=runs["dense"], num_verify=4, verbose=False)
+    assert chatter()
 
 
 def test_int8_static_is_a_pte_scheme(runs, tmp_path):

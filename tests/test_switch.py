@@ -9,7 +9,8 @@ import onnx
 import pytest
 import timm
 import torch
-from mobile_vmoe.export.formats import OnnxRunner, PteRunner, export_onnx, lower_pte
+from mobile_vmoe.export.onnx_export import OnnxRunner, export_onnx
+from mobile_vmoe.export.pte import PteRunner, lower_pte
 from mobile_vmoe.export.switch import ExpertSwitch, switch_experts
 
 import mobile_vmoe.models  # noqa: F401  (registers the model names)
@@ -122,3 +123,15 @@ def test_pte_top2_keeps_gather(tmp_path):
     xs = images(model, 4)
     with torch.no_grad():
         torch.testing.assert_close(PteRunner(path)(xs), model(xs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_fast_lowering_gives_the_same_program():
+    """export/delegates.py (experts lowered from one template, lowered modules traced with a cache) changes the
+    cost of lowering, not its result: the .pte is byte for byte ExecuTorch's plain path's."""
+    model = tiny_moe(top_k=1)
+    x = images(model, 1)
+    fast, fast_report = lower_pte(model, x)
+    plain, plain_report = lower_pte(model, x, fast_lowering=False)
+    assert fast_report["expert_dispatch"] == "switch" and fast_report == plain_report
+    assert fast == plain
