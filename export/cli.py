@@ -50,6 +50,8 @@ def _run(args: argparse.Namespace) -> int:
             coreml_precision=args.coreml_precision,
             palettize_bits=args.palettize_bits,
             expert_dispatch=args.expert_dispatch,
+            capacity_ratio=args.capacity_ratio,
+            priority=args.priority,
             seed=args.seed,
         )
     except VerificationError as e:
@@ -105,6 +107,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coreml-input", choices=["image", "tensor"], default="image")
     p.add_argument("--coreml-precision", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--palettize-bits", type=int, default=None, help="coreml: k-means weight palettisation")
+    p.add_argument(
+        "--capacity-ratio",
+        type=float,
+        default=None,
+        help="per-token V-MoE: expert buffer size of the export (default: the model's inference value)",
+    )
+    p.add_argument(
+        "--priority",
+        choices=["bpr", "vanilla"],
+        default=None,
+        help="per-token V-MoE: Batch Priority Routing or tokens in order (default: the model's, BPR)",
+    )
     p.add_argument(
         "--expert-dispatch",
         choices=["switch", "gather"],

@@ -31,6 +31,8 @@ from . import coreml, pte
 from .onnx_export import export_onnx
 from .quantize import eager_logits, select_fp32_layers
 from .quiet import quiet_libraries
+from .token import for_export as token_for_export
+from .token import is_token_moe, token_routing_info
 from .verify import Images, Thresholds, VerificationError, load_images, verify_onnx, verify_pte
 
 __all__ = ["DEFAULT_NUM_CALIBRATE", "DEFAULT_NUM_VERIFY", "FORMATS", "VerificationError", "export_model"]
@@ -56,6 +58,10 @@ class Request:
     coreml_precision: str = "fp16"
     palettize_bits: int | None = None
     expert_dispatch: str | None = None
+    capacity_ratio: float | None = (
+        None  # per-token V-MoE: inference capacity of the export (None: the model's)
+    )
+    priority: str | None = None  # per-token V-MoE: "bpr" | "vanilla" (None: the model's)
 
     def check(self) -> None:
         """UserError on any bad value, before anything is loaded."""
@@ -80,6 +86,10 @@ class Request:
             raise UserError("--palettize-bits applies to coreml only and must be one of 1, 2, 3, 4, 6, 8")
         if bits is not None and q:
             raise UserError("--palettize-bits and --quantize int8 are two weight compressions: pick one")
+        if self.capacity_ratio is not None and not self.capacity_ratio > 0:
+            raise UserError(f"--capacity-ratio must be > 0, got {self.capacity_ratio}")
+        if self.priority not in (None, "bpr", "vanilla"):
+            raise UserError(f"--priority {self.priority!r}: expected bpr or vanilla")
         if self.expert_dispatch not in (None, "switch", "gather"):
             raise UserError(f"--expert-dispatch {self.expert_dispatch!r}: expected switch or gather")
         if self.expert_dispatch == "switch" and fmt == "coreml":
@@ -139,6 +149,8 @@ def export_model(
     coreml_precision: str = "fp16",
     palettize_bits: int | None = None,
     expert_dispatch: str | None = None,
+    capacity_ratio: float | None = None,
+    priority: str | None = None,
     seed: int = 0,
     verbose: bool = True,
 ) -> Path:
@@ -155,7 +167,9 @@ def export_model(
     Thresholds (``verify.Thresholds``): fp32 max abs diff <= 1e-4 and 100 % top-1 agreement; int8 >= 99 %
     agreement for trained weights; ``atol`` / ``min_top1_agreement`` override. ``expert_dispatch`` (a MoE's
     experts): ``"switch"`` (default for pte and onnx: one ``torch.cond`` branch per expert, ``switch.py``) or
-    ``"gather"`` (the model's own form: faster lowering; Core ML's only form). ``verbose``: print a summary.
+    ``"gather"`` (the model's own form: faster lowering; Core ML's only form). A per-token V-MoE is exported
+    at ``capacity_ratio`` and ``priority`` (its inference routing; recorded in the sidecar), each expert as two
+    linears with constant weights (``token.py``). ``verbose``: print a summary.
     Raises UserError on bad input (before any lowering) and VerificationError when the check fails; either
     way nothing is left at ``out``.
     """
@@ -163,11 +177,20 @@ def export_model(
     req = Request(
         fmt=fmt, quantize=quantize, num_verify=num_verify, num_calibrate=num_calibrate, atol=atol,
         min_top1_agreement=min_top1_agreement, coreml_input=coreml_input, coreml_precision=coreml_precision,
-        palettize_bits=palettize_bits, expert_dispatch=expert_dispatch,
+        palettize_bits=palettize_bits, expert_dispatch=expert_dispatch, capacity_ratio=capacity_ratio,
+        priority=priority,
     )  # fmt: skip
     req.check()
     with quiet_libraries():
         net, meta, random_weights = _load_source(checkpoint, model, model_kwargs, seed)
+        if is_token_moe(net):
+            net = token_for_export(
+                net, req.capacity_ratio, None if req.priority is None else req.priority == "bpr"
+            )
+        elif req.capacity_ratio is not None or req.priority is not None:
+            raise UserError(
+                "--capacity-ratio and --priority apply to per-token V-MoE models (mobile_vmoe_token_*)"
+            )
         out = _output_path(out, req, checkpoint, meta.model)
         if random_weights and verbose:
             print(f"note: {meta.model} has RANDOM weights (no checkpoint): for latency work only")
@@ -311,7 +334,9 @@ def _prepare(
         preprocess=meta.preprocess,
         precision=req.precision,
         # E experts, K chosen per image, L MoE blocks (the bench result schema's keys); null for a dense model.
-        routing={"E": int(net.num_experts), "K": int(net.top_k), "L": int(net.num_moe_layers)}
+        routing=token_routing_info(net)
+        if is_token_moe(net)
+        else {"E": int(net.num_experts), "K": int(net.top_k), "L": int(net.num_moe_layers)}
         if net.is_moe
         else None,
         # Absolute, so that `mobile-vmoe bench` finds the eager model (per-expert latency) from anywhere.

@@ -160,6 +160,8 @@ def check_structure(model: nn.Module, model_name: str, kwargs: dict, mlmodel: An
     stats = mil_op_stats(mlmodel, E)
     if not L:
         return {"dense": stats}, []
+    if getattr(model, "moe_routing", None) == "token":
+        return _check_token_structure(model, model_name, kwargs, stats)
     dense_mm = _dense_twin_matmuls(model_name, kwargs)
     extra = stats["matmul_ops"] - dense_mm
     out: dict[str, Any] = {
@@ -184,11 +186,43 @@ def check_structure(model: nn.Module, model_name: str, kwargs: dict, mlmodel: An
     return out, failures
 
 
+def _check_token_structure(
+    model: nn.Module, model_name: str, kwargs: dict, stats: dict
+) -> tuple[dict, list[str]]:
+    """A per-token V-MoE: its tokens reach the experts through scatter / gather into fixed buffers, and each MoE
+    block adds its router and 2 * (E - 1) expert linears over the dense twin's MLP (each expert runs on its P
+    buffer rows, not on every token)."""
+    E, L = int(model.num_experts), int(model.num_moe_layers)
+    dense_mm = _dense_twin_matmuls(model_name, kwargs)
+    extra = stats["matmul_ops"] - dense_mm
+    want = L * (1 + 2 * (E - 1))
+    ops = stats["op_counts"]
+    scatters = sum(v for k, v in ops.items() if k.startswith("scatter"))
+    gathers = sum(v for k, v in ops.items() if k.startswith("gather"))
+    out = {"moe": stats, "dense_twin_matmul_ops": dense_mm, "extra_matmul_ops_over_dense": extra,
+           "expected_extra": want, "token_scatters": scatters, "token_gathers": gathers}  # fmt: skip
+    failures = []
+    if extra != want:
+        failures.append(f"MIL program has {extra} matmul/linear ops over the dense twin, expected {want}")
+    if scatters < L or gathers < L:
+        failures.append(
+            f"MIL program has {scatters} scatter and {gathers} gather ops, expected >= {L} of each"
+        )
+    out["buffers_preserved"] = not failures
+    return out, failures
+
+
 def _dense_twin_matmuls(model_name: str, kwargs: dict) -> int:
     """Matmul-like ops of the MoE's dense twin (no MoE blocks) converted to MIL."""
     import timm
 
-    twin = timm.create_model(model_name, **{**kwargs, "num_moe_layers": 0}).eval()
+    if model_name.startswith("mobile_vmoe_token_"):  # the per-token family has no dense form: the same ViT
+        moe_only = {"num_experts", "top_k", "num_moe_layers", "moe_placement", "capacity_ratio",
+                    "eval_capacity_ratio", "bpr", "eval_bpr", "noise_std", "group_size", "eval_group_size"}  # fmt: skip
+        twin_name = model_name.replace("mobile_vmoe_token_", "mobile_vit_")
+        twin = timm.create_model(twin_name, **{k: v for k, v in kwargs.items() if k not in moe_only}).eval()
+    else:
+        twin = timm.create_model(model_name, **{**kwargs, "num_moe_layers": 0}).eval()
     with quiet_libraries(), captured_output():
         import coremltools as ct
 

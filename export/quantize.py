@@ -44,7 +44,7 @@ def int8_candidates(model: nn.Module) -> list[str]:
     return [
         name
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.split(".")[0] not in FP32_MODULES
+        if isinstance(m, nn.Linear) and not set(name.split(".")) & set(FP32_MODULES)  # a per-token router too
     ]
 
 

@@ -63,6 +63,6 @@ def token_routing_info(model: nn.Module) -> dict[str, Any]:
         "kind": "token",
         "capacity_ratio": float(mlp.eval_capacity_ratio),
         "priority": "bpr" if mlp.eval_bpr else "vanilla",
-        "group_size": int(mlp.group_size),
+        "group_size": int(mlp.eval_group_size),  # images routed together at inference
         "moe_blocks": list(model.moe_indices),
     }

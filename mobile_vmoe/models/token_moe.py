@@ -158,6 +158,8 @@ class TokenExpertMlp(ExpertMlp):
 
 def group_images(batch: int, group_size: int) -> int:
     """Images per routing group: the largest divisor of the batch up to group_size (shapes stay static)."""
+    if group_size == 1:  # without reading the batch size, which may be symbolic (a dynamic batch on export)
+        return 1
     g = min(group_size, batch)
     while batch % g:
         g -= 1
@@ -194,14 +196,17 @@ class TokenMoEMlp(nn.Module):
         eval_bpr: bool = True,
         noise_std: float = 1.0,
         group_size: int = 8,
+        eval_group_size: int = 1,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if group_size < 1 or eval_group_size < 1:
+            raise ValueError(
+                f"group_size and eval_group_size must be >= 1, got {group_size}, {eval_group_size}"
+            )
         for name, v in (("capacity_ratio", capacity_ratio), ("eval_capacity_ratio", eval_capacity_ratio)):
             if not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v}")
@@ -212,6 +217,9 @@ class TokenMoEMlp(nn.Module):
         )
         self.num_experts = num_experts
         self.group_size = group_size
+        # At inference each image is routed on its own by default: a phone runs batch 1, and evaluation, export
+        # verification and the phone then agree whatever the batch.
+        self.eval_group_size = eval_group_size
         self.capacity_ratio = capacity_ratio
         self.eval_capacity_ratio = eval_capacity_ratio
         self.bpr = bpr
@@ -250,7 +258,7 @@ class TokenMoEMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]; the tokens of ``group_size`` images are routed together."""
         B, T, D = x.shape
-        g = group_images(B, self.group_size)
+        g = group_images(B, self.group_size if self.training else self.eval_group_size)
         y = x.reshape(B // g, g * T, D)  # [G, N, D]
         ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
         bpr = self.bpr if self.training else self.eval_bpr
@@ -268,7 +276,7 @@ class TokenMoEMlp(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"group_size={self.group_size}, capacity_ratio={self.capacity_ratio}/{self.eval_capacity_ratio} "
+            f"group_size={self.group_size}/{self.eval_group_size}, capacity_ratio={self.capacity_ratio}/{self.eval_capacity_ratio} "
             f"(train/eval), bpr={self.bpr}/{self.eval_bpr}"
         )
 

@@ -48,7 +48,8 @@ class TokenVMoE(VisionTransformer):
         capacity_ratio / eval_capacity_ratio: buffer size in training / inference (V-MoE trains at 1.05).
         bpr / eval_bpr: Batch Priority Routing in training / inference (V-MoE: off / on).
         noise_std: router noise in training is noise_std / E (V-MoE: 1.0).
-        group_size: images whose tokens are routed together (V-MoE: 8).
+        group_size / eval_group_size: images whose tokens are routed together in training (V-MoE: 8) / at
+            inference (1: each image on its own, as on a phone).
     """
 
     moe_routing = "token"
@@ -66,6 +67,7 @@ class TokenVMoE(VisionTransformer):
         eval_bpr: bool = True,
         noise_std: float = 1.0,
         group_size: int = 8,
+        eval_group_size: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -84,6 +86,7 @@ class TokenVMoE(VisionTransformer):
                 eval_bpr=eval_bpr,
                 noise_std=noise_std,
                 group_size=group_size,
+                eval_group_size=eval_group_size,
             )
         self.num_experts = num_experts
         self.top_k = top_k
