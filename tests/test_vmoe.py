@@ -112,7 +112,9 @@ def test_placement_and_inference_routing():
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         full, routing = m.forward_with_routing(x)
-        assert len(routing) == 6 and all(r.capacity == expert_capacity(17, 1, 1.05, 4) for r in routing)  # one image per group at eval
+        assert len(routing) == 6 and all(
+            r.capacity == expert_capacity(17, 1, 1.05, 4) for r in routing
+        )  # one image per group at eval
         m.set_routing(capacity_ratio=0.1, bpr=False)
         low, routing = m.forward_with_routing(x)
         assert routing[0].capacity == expert_capacity(17, 1, 0.1, 4)
