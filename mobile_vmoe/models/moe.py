@@ -307,6 +307,11 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
     return (importance.std(unbiased=False) / (importance.mean() + 1e-9)) ** 2
 
 
+def expert_bias_names(model: nn.Module) -> set[str]:
+    """Expert biases are stacked [E, H] tensors, so timm's "ndim <= 1 or *.bias" no-weight-decay rule misses them."""
+    return {n for n, _ in model.named_parameters() if n.endswith(("fc1_bias", "fc2_bias"))}
+
+
 def expert_load(routing: Routing, num_experts: int) -> torch.Tensor:
     """Images per expert in this batch, [E]; counts each of the K choices."""
     return torch.bincount(routing.expert_idx.reshape(-1), minlength=num_experts)

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
-from .moe import MoEBlock, Router, Routing
+from .moe import MoEBlock, Router, Routing, expert_bias_names
 
 __all__ = [
     "MobileVMoE",
@@ -109,10 +109,7 @@ class MobileVMoE(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        # Expert biases are stacked [E, H] tensors, so timm's "ndim <= 1 or *.bias" rule does not catch them.
-        names = set(super().no_weight_decay())
-        names.update(n for n, _ in self.named_parameters() if n.endswith(("fc1_bias", "fc2_bias")))
-        return names
+        return set(super().no_weight_decay()) | expert_bias_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

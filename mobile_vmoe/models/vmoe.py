@@ -16,6 +16,7 @@ from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from .moe import expert_bias_names
 from .token_moe import TokenMoEMlp, TokenRouting
 from .vit import MODEL_SIZES, RESOLUTIONS, SMALL_IMAGE_SIZES, _cfg, base_args, build_variant, register_variant
 
@@ -107,10 +108,7 @@ class TokenVMoE(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        # Expert biases are stacked [E, H] tensors, so timm's "ndim <= 1 or *.bias" rule does not catch them.
-        names = set(super().no_weight_decay())
-        names.update(n for n, _ in self.named_parameters() if n.endswith(("fc1_bias", "fc2_bias")))
-        return names
+        return set(super().no_weight_decay()) | expert_bias_names(self)
 
     @torch.jit.ignore
     def set_routing(
