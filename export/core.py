@@ -30,7 +30,7 @@ from mobile_vmoe.preprocess import Preprocess
 from . import coreml, pte
 from .onnx_export import export_onnx
 from .quantize import eager_logits, select_fp32_layers
-from .quiet import quiet_libraries
+from .quiet import Progress, quiet_libraries
 from .token import for_export as token_for_export
 from .token import is_token_moe, token_routing_info
 from .verify import Images, Thresholds, VerificationError, load_images, verify_onnx, verify_pte
@@ -393,28 +393,36 @@ def _export_onnx(job: _Job, tmp: Path) -> list[str]:
 
 
 def _export_coreml(job: _Job, tmp: Path) -> list[str]:
+    """Convert into ``tmp`` and check the MIL program's structure (Core ML predicts only on Apple hardware)."""
     req, meta = job.req, job.meta
-    mlmodel = coreml.convert_coreml(
-        job.net,
-        tuple(int(s) for s in job.net.patch_embed.img_size),
-        meta.class_names,
-        meta.preprocess.mean,
-        meta.preprocess.std,
-        image_input=req.coreml_input == "image",
-        precision=req.coreml_precision,
-        weights=req.quantize,
-        palettize_bits=req.palettize_bits,
-    )
     job.report["coreml"] = {
         "input": req.coreml_input,
         "minimum_deployment_target": "iOS17",
         "outputs": "classLabel + classLabel_probs (softmax probabilities)",
     }
-    job.report["mil_structure"], failures = coreml.check_structure(
-        job.net, meta.model, meta.model_kwargs, mlmodel
-    )
+    with Progress("converting to Core ML", total=3) as progress:
+        progress.stage("ct.convert")
+        mlmodel = coreml.convert_coreml(
+            job.net,
+            tuple(int(s) for s in job.net.patch_embed.img_size),
+            meta.class_names,
+            meta.preprocess.mean,
+            meta.preprocess.std,
+            image_input=req.coreml_input == "image",
+            precision=req.coreml_precision,
+            weights=req.quantize,
+            palettize_bits=req.palettize_bits,
+        )
+        progress.advance()
+        progress.stage("checking the MIL program")
+        job.report["mil_structure"], failures = coreml.check_structure(
+            job.net, meta.model, meta.model_kwargs, mlmodel
+        )
+        progress.advance()
+        progress.stage("saving")
+        coreml.save_coreml(mlmodel, tmp)
+        progress.advance()
     job.report["parity"] = {"status": "pending: run on macOS", "n_images": 0}
-    coreml.save_coreml(mlmodel, tmp)
     return failures
 
 

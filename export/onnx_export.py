@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .quiet import captured_output, quiet_libraries
+from .quiet import Progress, captured_output, quiet_libraries
 from .switch import has_experts, switch_experts
 
 __all__ = ["OnnxRunner", "export_onnx"]
@@ -36,19 +36,24 @@ def export_onnx(
     if example.shape[0] == 1:
         # Traced at batch 1, a cond branch specialises the batch to 1 (torch specialises sizes 0 and 1).
         example = example.expand(2, *example.shape[1:])
-    with torch.no_grad(), quiet_libraries(), captured_output():
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=True,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            external_data=False,
-            verbose=False,
-        )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    with Progress("exporting to .onnx", total=2) as progress, torch.no_grad():
+        progress.stage("torch.onnx.export")
+        with quiet_libraries(), captured_output():
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                external_data=False,
+                verbose=False,
+            )
+        progress.advance()
+        progress.stage("onnx checker")
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        progress.advance()
     return dispatch
 
 

@@ -79,16 +79,21 @@ def run_artifact(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
-def killed_writer(target: Path, suffix: str = "") -> Path:
-    """The temporary a writer killed inside ``common.atomic_path(target)`` leaves behind (a real kill)."""
+def killed_writers(*targets: tuple[Path, str]) -> list[Path]:
+    """The temporaries that writers killed inside ``common.atomic_path(target, suffix)`` leave behind: one
+    process enters every (target, suffix) and is killed before any rename."""
     code = (
         "import os, sys; from mobile_vmoe.common import atomic_path\n"
-        "tmp = atomic_path(sys.argv[1], suffix=sys.argv[2]).__enter__()\n"
-        "tmp.write_bytes(b'half-written'); print(tmp, flush=True); os._exit(9)"
+        "for target, suffix in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    tmp = atomic_path(target, suffix=suffix).__enter__()\n"
+        "    tmp.write_bytes(b'half-written'); print(tmp, flush=True)\n"
+        "os._exit(9)"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(target), suffix], capture_output=True, text=True)
-    left = Path(run.stdout.strip())
-    assert run.returncode == 9 and left.parent == target.parent and left.exists()
+    args = [str(a) for target in targets for a in target]
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    left = [Path(line) for line in run.stdout.split()]
+    assert run.returncode == 9 and len(left) == len(targets) and all(p.exists() for p in left)
+    assert all(p.parent == t.parent for p, (t, _) in zip(left, targets))
     return left
 
 
@@ -109,8 +114,8 @@ def coreml_class_labels(spec) -> list[str]:
 @pytest.mark.parametrize("fmt", ["pte", "onnx", "coreml"])
 def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
     out = tmp_path / f"m{EXT[fmt]}"
-    killed_writer(out, EXT[fmt])  # a killed export's half-written artifact: cleaned before this one starts
-    killed_writer(out.with_name(out.name + ".json"))
+    # a killed export's half-written artifact and sidecar: cleaned before this export starts
+    killed_writers((out, EXT[fmt]), (out.with_name(out.name + ".json"), ""))
     got = export_model(fmt, out, checkpoint=runs[kind], num_verify=NUM_VERIFY, verbose=False)
     assert got == out and out.exists()
     assert only(tmp_path) == [out.name, out.name + ".json"]
@@ -304,13 +309,18 @@ def test_failed_verification_leaves_nothing(runs, tmp_path, capsys):
 def test_stale_temporaries_of_the_same_target_only(tmp_path):
     """What an export cleans first: its own target's and sidecar's temporaries, nothing else."""
     out = tmp_path / "m.pte"
-    stale = [killed_writer(out, ".pte"), killed_writer(tmp_path / "m.pte.json")]
-    stale.append(killed_writer(tmp_path / stale[1].name))  # the sidecar written at its temporary path
+    # ours: the artifact's and the sidecar's temporaries; theirs: another target's, and one whose name starts
+    # like ours
+    *stale, other, lookalike = killed_writers(
+        (out, ".pte"), (tmp_path / "m.pte.json", ""), (tmp_path / "other.pte", ".pte"),
+        (tmp_path / "m.pte.x.pte", ".pte"),
+    )  # fmt: skip
+    stale += killed_writers((tmp_path / stale[1].name, ""))  # the sidecar written at its temporary path
     stale.append(tmp_path / ".m.pte.ab_cd123.pte.tmp")
     stale[-1].mkdir()  # save_coreml stages a folder
     kept = [
-        killed_writer(tmp_path / "other.pte", ".pte"),  # another target's
-        killed_writer(tmp_path / "m.pte.x.pte", ".pte"),  # a target whose name starts like this one's
+        other,
+        lookalike,
         tmp_path / ".m.pte.notes.tmp",  # not tempfile's 8 random characters
         tmp_path / "m.pte.tmp",
     ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import timm
 import torch
 from mobile_vmoe.export import export_model
@@ -49,7 +48,6 @@ def run_pte(path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([method.execute([x[i : i + 1].contiguous()])[0] for i in range(x.shape[0])])
 
 
-@pytest.mark.slow
 def test_pte_with_sidecar_preprocess_reproduces_evaluate(tmp_path):
     val = image_folder(tmp_path / "data", per_class=4)
     torch.manual_seed(0)
