@@ -126,12 +126,6 @@ class Preprocess:
         """One PIL image -> [1, 3, size, size] float32 array (what the host bench feeds a runtime)."""
         return self.transform()(img).numpy()[None].astype(np.float32)
 
-    def describe(self) -> str:
-        return (
-            f"resize shorter side to {self.resize} ({self.interpolation}), centre crop {self.size}, "
-            f"mean {list(self.mean)}, std {list(self.std)}"
-        )
-
 
 # PIL modes of more than 8 bits per grey pixel, whose convert("RGB") clips to white instead of scaling.
 # (PIL opens 48- and 64-bit colour PNGs as 8-bit RGB / RGBA from the high bytes: already scaled.)
