@@ -50,6 +50,9 @@ class DataConfig:
     heldout_fraction: float = 0.01  # google-research/vmoe holds out train[99%:] for the confusion matrix
     heldout_min_per_class: int = 2  # so every class has a row in the held-out confusion matrix
     num_workers: int = 8  # data-loader processes per rank (JPEG decoding + RandAugment are CPU-bound)
+    # decode the train and val images once into memory: for small sets (the built-in ones), where PNG decoding,
+    # not the model, bounds a step; ImageNet does not fit
+    cache_images: bool = False
     # a dataset with more unreadable images than this fraction is refused before training; fewer are skipped
     max_bad_fraction: float = 0.01
 
@@ -153,6 +156,7 @@ RESUME_MAY_CHANGE = frozenset(
         "schedule.max_steps",
         "log_interval",
         "data.num_workers",
+        "data.cache_images",
         "threads",
         "checkpoint.keep_last",
         "checkpoint.every_n_steps",

@@ -39,29 +39,37 @@ class ImageListDataset(torch.utils.data.Dataset):
         data_dir: str | os.PathLike[str],
         samples: Sequence[Sample],
         transform: Callable[[Image.Image], Any] | None = None,
+        cache: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.samples = list(samples)
         self.targets = [s.target for s in self.samples]
         self.transform = transform
         self._warned = 0
+        # decoded once, in this process: data-loader workers forked later share the images
+        self._cache = [self._decode(i) for i in range(len(self.samples))] if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+    def _decode(self, i: int) -> Image.Image | None:
         s = self.samples[i]
         try:
             with Image.open(self.data_dir / s.path) as im:
-                img = to_rgb8(im)  # forces a full decode: truncation surfaces here
+                return to_rgb8(im)  # forces a full decode: truncation surfaces here
         except BAD_IMAGE_ERRORS as e:
             if self._warned < 10:
                 self._warned += 1
                 log.warning("skipping unreadable image %s: %s", self.data_dir / s.path, _why(e))
             return None
+
+    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+        img = self._cache[i] if self._cache is not None else self._decode(i)
+        if img is None:
+            return None
         if self.transform is not None:
             img = self.transform(img)
-        return img, s.target
+        return img, self.samples[i].target
 
 
 def collate_skip_bad(batch: Sequence[tuple[Any, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -324,14 +324,19 @@ def build_loaders(cfg: Config, data: Data, pre: Preprocess, env: Env) -> Loaders
         mean=pre.mean,
         std=pre.std,
     )
-    train_ds = ImageListDataset(data.data_dir, data.train_samples, train_tf)
+    train_ds = ImageListDataset(data.data_dir, data.train_samples, train_tf, cache=cfg.data.cache_images)
     sampler = torch.utils.data.DistributedSampler(
         train_ds, num_replicas=env.world, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=False
     )
     val = None
     if data.index.val:
         val = torch.utils.data.DataLoader(
-            ImageListDataset(data.data_dir, data.index.val[env.rank :: env.world], pre.transform()),
+            ImageListDataset(
+                data.data_dir,
+                data.index.val[env.rank :: env.world],
+                pre.transform(),
+                cache=cfg.data.cache_images,
+            ),
             batch_size=data.batch,
             shuffle=False,
             num_workers=cfg.data.num_workers,

@@ -171,6 +171,16 @@ def test_bad_images_yield_none_and_are_counted(small, tmp_path):
     empty_images, empty_targets, n = collate_skip_bad([None, None])
     assert (empty_images.numel(), empty_targets.numel(), n) == (0, 0, 2)
 
+    # cached: decoded once at construction (the files may go), same items, same bad ones skipped
+    order = [good[0], bad[0], good[1], bad[1], bad[2], good[2]]
+    cached = ImageListDataset(data, order, transform=pil_to_tensor, cache=True)
+    shutil.rmtree(data)
+    for it, c in zip(items, (cached[i] for i in range(len(cached))), strict=True):
+        assert (it is None) == (c is None)
+        if it is not None:
+            torch.testing.assert_close(c[0], it[0])
+            assert c[1] == it[1]
+
 
 def test_load_superclass_truth_validates(tmp_path):
     (tmp_path / "superclasses_true.json").write_text(json.dumps({"assignment": [0, 1], "class_names": ["a"]}))
