@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .cli import progress
 from .common import UserError
 from .files.file_list import Sample
 from .preprocess import HIGH_BIT_MODES, to_rgb8
@@ -46,8 +47,10 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.targets = [s.target for s in self.samples]
         self.transform = transform
         self._warned = 0
-        # decoded once, in this process: data-loader workers forked later share the images
-        self._cache = [self._decode(i) for i in range(len(self.samples))] if cache else None
+        self._cache = None
+        if cache:  # decoded once, in this process: data-loader workers forked later share the images
+            n = len(self.samples)
+            self._cache = [self._decode(i) for i in progress(range(n), n, f"decoding {n} images into memory")]
 
     def __len__(self) -> int:
         return len(self.samples)
