@@ -94,6 +94,7 @@ class PipelineConfig:
     formats: list[str] = field(default_factory=lambda: ["pte", "coreml", "onnx"])
     int8: bool = True  # also a PT2E int8 .pte (and its latency)
     num_verify: int = 500  # images each export is checked on (the issue's bar for int8 agreement)
+    export_workers: int = 2  # artifacts lowered side by side: lowering is mostly single-threaded Python
     bench_warmup: int = 10
     bench_iterations: int = 50
     bench_threads: int = 0  # 0: the runtime's default
@@ -109,6 +110,7 @@ FIRST_STAGE = {
     "capacity_ratios": "eval", "formats": "export", "int8": "export", "num_verify": "export",
     "bench_warmup": "bench", "bench_iterations": "bench", "bench_threads": "bench", "seed": "dense",
 }  # fmt: skip
+SCHEDULING_KEYS = {"export_workers"}  # change how a stage runs, not what it writes: never force a redo
 
 
 def load_pipeline_config(preset_or_file: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -118,7 +120,7 @@ def load_pipeline_config(preset_or_file: str = "default", overrides: list[str] |
 
 def _check_config_change(out: Path, cfg: PipelineConfig, start: str | None) -> None:
     """A changed config must be redone from the first stage it changes (or earlier)."""
-    changed = changed_keys(out, cfg)
+    changed = [k for k in changed_keys(out, cfg) if k not in SCHEDULING_KEYS]
     if not changed:
         return
     need = min(STAGES.index(FIRST_STAGE.get(k, STAGES[0])) for k in changed)
@@ -336,33 +338,28 @@ class _Pipeline:
         return arts
 
     def export(self) -> _Done:
-        from .export import VerificationError, export_model
+        from .export.parallel import ExportJob, export_many
         from .files.sidecar import sidecar_path
 
         s = ExportSummary({}, {})
-        arts = self._artifacts()
-        for i, (which, fmt, quant, path) in enumerate(arts, start=1):
-            log.info("[export] %d/%d %s", i, len(arts), path.name)
+        jobs = []
+        for which, fmt, quant, path in self._artifacts():
             if path.exists() and sidecar_path(path).is_file():
                 s.artifacts[path.name] = str(path)  # finished before an interruption
                 continue
-            try:
-                export_model(
-                    fmt,
-                    path,
-                    checkpoint=self.run_dir(which) / "model.safetensors",
-                    quantize=quant,
-                    num_verify=self.cfg.num_verify,
-                    seed=self.cfg.seed,
-                    verbose=False,
-                )
-                s.artifacts[path.name] = str(path)
-            except VerificationError as e:
-                # int8 agreement on a small model trained for minutes can miss the bar: reported, not fatal
-                if quant is None:
-                    raise
-                s.failed_verification[path.name] = str(e)
-                log.warning("[export] %s failed verification, left out: %s", path.name, e)
+            ckpt = str(self.run_dir(which) / "model.safetensors")
+            kw = dict(checkpoint=ckpt, quantize=quant, num_verify=self.cfg.num_verify, seed=self.cfg.seed)
+            jobs.append(ExportJob(fmt, str(path), {**kw, "verbose": False}))
+        for i, (job, error) in enumerate(export_many(jobs, self.cfg.export_workers), start=1):
+            name = Path(job.out).name
+            log.info("[export] %d/%d %s", i, len(jobs), name)
+            if error is None:
+                s.artifacts[name] = job.out
+            elif job.kwargs["quantize"] is None:
+                raise error
+            else:  # int8 agreement on a small model trained for minutes can miss the bar: reported, not fatal
+                s.failed_verification[name] = str(error)
+                log.warning("[export] %s failed verification, left out: %s", name, error)
         done = [Path(p) for p in s.artifacts.values()]
         return _Done([self.out / "export", *done, *map(sidecar_path, done)], s)
 

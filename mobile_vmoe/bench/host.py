@@ -231,7 +231,12 @@ def _read_inputs(
         pre, pre_source = meta.preprocess, f"from the model file {path}"
         shape, delegates = [1, 3, pre.size, pre.size], []
     else:
-        shape, delegates = probe_model(path, fmt)  # opens the untrusted file in a child process
+        if sidecar is not None and sidecar.sha256:
+            # the export this sidecar describes (sha256 checked) has the input it records: one child process
+            # per file is spared, and the measuring child lists the delegates
+            shape, delegates = sidecar.input_shape, []
+        else:
+            shape, delegates = probe_model(path, fmt)  # opens the untrusted file in a child process
         if sidecar is not None:
             pre, pre_source = sidecar.preprocess, f"from its sidecar {sidecar_path}"
         else:
@@ -264,7 +269,8 @@ def _document(inp: HostInputs, m: Measurement, warmup: int, iterations: int, iso
     per_expert = per_expert_latency(m.samples_ms, inp.image_files, inp.pre, inp.eager, notes)
     sidecar = inp.sidecar
     precision = "fp32" if inp.fmt == "safetensors" else (sidecar.precision if sidecar is not None else None)
-    backend = BACKENDS.get(inp.fmt) or ("xnnpack" if "XnnpackBackend" in inp.delegates else "portable")
+    delegates = inp.delegates or m.delegates
+    backend = BACKENDS.get(inp.fmt) or ("xnnpack" if "XnnpackBackend" in delegates else "portable")
     return {
         "schema_version": SCHEMA_VERSION,
         "created_at": now_iso(),
@@ -279,7 +285,7 @@ def _document(inp: HostInputs, m: Measurement, warmup: int, iterations: int, iso
             "name": backend,
             "compute_units": None,
             "threads": m.threads,
-            "delegates": inp.delegates,
+            "delegates": delegates,
             "compute_plan": None,
         },
         "model": {
@@ -328,7 +334,7 @@ def bench(
     Defaults: 10 warm-up and 50 timed runs (as ExecuTorch's Android benchmark app and TFLite's benchmark_model).
     With ``images``, iteration i runs on image i mod N, and for a MoE whose eager checkpoint is known (the input
     itself, or the sidecar's "checkpoint") the samples are grouped by the expert the router picks for each image.
-    ``isolate=False`` measures in this process (the file is still probed in a child first).
+    ``isolate=False`` measures in this process (a file without a sidecar is still probed in a child first).
     Returns the schema document; writes it atomically to ``json_out`` if given.
     """
     inp = _read_inputs(model_file, warmup, iterations, threads, images)

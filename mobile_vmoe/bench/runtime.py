@@ -83,6 +83,7 @@ class Measurement:
     thermal_before: dict[str, Any] | None
     thermal_after: dict[str, Any] | None
     notes: list[str]
+    delegates: list[str] = field(default_factory=list)  # as ModelProbe's, read by the measuring child
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,16 +176,19 @@ def _probe_pte(path: str) -> ModelProbe:
         raise UserError(
             f"{path}: not a loadable ExecuTorch program: no 'forward' method with a tensor input ({e})"
         ) from None
-    delegates: list[str] = []
+    return ModelProbe(shape, _delegates(path))
+
+
+def _delegates(path: str) -> list[str]:
+    """The ExecuTorch backends a ``.pte`` uses (informative: read through a private serialiser API)."""
     try:
         from executorch.exir._serialize._program import deserialize_pte_binary
 
         pte = deserialize_pte_binary(Path(path).read_bytes())
         prog = getattr(pte, "program", pte)
-        delegates = sorted({d.id for plan in prog.execution_plan for d in plan.delegates})
-    except Exception:  # private API: the delegate list is informative only
-        pass
-    return ModelProbe(shape, delegates)
+        return sorted({d.id for plan in prog.execution_plan for d in plan.delegates})
+    except Exception:
+        return []
 
 
 def _probe_onnx(path: str) -> ModelProbe:
@@ -366,6 +370,7 @@ def _measure(spec: MeasureSpec, progress: Callable[[int, int], None] | None = No
         thermal_before=thermal_before,
         thermal_after=thermal_after,
         notes=notes,
+        delegates=_delegates(spec.path) if spec.format == "pte" else [],
     )
 
 
