@@ -173,7 +173,7 @@ class CaptionVocabulary:
             names = [f"{n} {s}" for s, n in enumerate(names)]
         self.superclass_names = names
         self.fine_words = [self._fine_words(fine_attribute(s)) for s in range(S)]
-        self.class_names = [self._join("", s, f, "") for s in range(S) for f in range(num_fine)]
+        self.class_names = [self._join("", s, f, []) for s in range(S) for f in range(num_fine)]
 
     def _fine_words(self, attr: str) -> list[str]:
         """The word of each fine bin (its centre's word); ordinals when bins outnumber the words."""
@@ -181,13 +181,14 @@ class CaptionVocabulary:
         words = [_word(w, (f + 0.5) / F) for f in range(F)]
         return words if len(set(words)) == F else [f"of {w.noun} {f + 1} of {F}" for f in range(F)]
 
-    def _join(self, before: str, s: int, f: int, after: str, shape: str | None = None) -> str:
-        """[nuisance adjectives] [fine adjective] colour shape [fine phrase] [nuisance phrases]."""
+    def _join(self, before: str, s: int, f: int, after: list[str], shape: str | None = None) -> str:
+        """[nuisance adjectives] [fine adjective] colour shape [fine phrase][, nuisance phrases]."""
         word = self.fine_words[s][f]
         fine_before = WORDINGS[fine_attribute(s)].before and not word.startswith("of ")
         core = self.superclass_names[s] if shape is None else f"{self.colours[s]} {shape}"
-        core = f"{word} {core}" if fine_before else f"{core} {word}"
-        return " ".join(p for p in (before, core, after) if p)
+        phrases = after if fine_before else [word, *after]
+        core = f"{word} {core}" if fine_before else core
+        return " ".join(p for p in (before, core, ", ".join(phrases)) if p)
 
     def caption(self, s: int, f: int, attributes: dict[str, float], rng: np.random.Generator) -> str:
         """One caption of an image of class (s, f) drawn with ``attributes`` ({name: value in [0, 1)})."""
@@ -198,7 +199,7 @@ class CaptionVocabulary:
             if not (a in BACKGROUND and ({fine, *chosen} & set(BACKGROUND))):
                 chosen.append(str(a))
         before = " ".join(_word(WORDINGS[a], attributes[a]) for a in BEFORE_ORDER if a in chosen)
-        after = ", ".join(_word(WORDINGS[a], attributes[a]) for a in chosen if not WORDINGS[a].before)
+        after = [_word(WORDINGS[a], attributes[a]) for a in chosen if not WORDINGS[a].before]
         words = SHAPE_WORDS[self.shapes[s]]
         shape = None if self.numbered else words[rng.integers(len(words))]
         d = self._join(before, s, f, after, shape)
@@ -206,7 +207,8 @@ class CaptionVocabulary:
         return template.format(a=_article(d), d=d)
 
 
-def _check_options(**options: int) -> None:
+def _check_options(**options: tuple[Any, int]) -> None:
+    """Each option's (value, least value): an integer at least that, else a UserError naming it."""
     for name, (val, lo) in options.items():
         if not isinstance(val, int) or isinstance(val, bool) or val < lo:
             raise UserError(f"synthetic_captions: {name} must be an integer >= {lo}, got {val!r}")

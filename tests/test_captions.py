@@ -8,12 +8,19 @@ import tarfile
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from mobile_vmoe.builtin_captions import SHAPE_WORDS, prepare_caption_set, synthetic_captions
+from mobile_vmoe.builtin_captions import (
+    SHAPE_WORDS,
+    CaptionVocabulary,
+    prepare_caption_set,
+    synthetic_captions,
+)
+from mobile_vmoe.builtin_data import FINE_ATTRIBUTES
 from mobile_vmoe.captions import (
     ImageTextDataset,
     LabelledImages,
@@ -150,6 +157,18 @@ def test_builtin_set_builds_once_and_deterministically(builtin, tmp_path):
         prepare_caption_set("synthetic-captions", tmp_path, bogus=1)
     with pytest.raises(UserError, match="num_fine must be"):
         synthetic_captions(tmp_path / "x", num_fine=0)
+
+
+def test_class_names_stay_distinct_for_any_size():
+    for S, F in ((1, 1), (10, 3), (10, 5), (12, 18), (25, 4)):
+        v = CaptionVocabulary(S, F)
+        assert len(set(v.class_names)) == S * F, (S, F)
+        rng = np.random.default_rng(0)
+        for c in range(S * F):
+            caption = v.caption(c // F, c % F, {a: 0.3 for a, _ in FINE_ATTRIBUTES}, rng)
+            assert v.class_names[c].split(" ")[0] in caption
+    many = CaptionVocabulary(1, 12)  # more bins than words: ordinals
+    assert many.class_names[6] == "red disk of stripe width 7 of 12"
 
 
 # ---------------------------------------------------------------------------------------------------------------
