@@ -46,7 +46,15 @@ from .files.captions import (
     read_caption_shard,
     read_caption_table,
 )
-from .images import BAD_IMAGE_ERRORS, first_few, open_rgb, probe_image, probe_many, why_unreadable
+from .images import (
+    BAD_IMAGE_ERRORS,
+    check_max_bad_fraction,
+    first_few,
+    open_rgb,
+    probe_image,
+    probe_many,
+    why_unreadable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +212,7 @@ def read_caption_set(
     that an unreadable one is skipped and counted here. A source without usable rows, or with more than
     ``max_bad_fraction`` of them bad, is a UserError. Labels beyond the classes of ``classes.json`` are bad.
     """
+    check_max_bad_fraction(max_bad_fraction)
     source = Path(source)
     kind, files = _source_files(source)
     classes = _find_classes(source)  # a broken classes.json fails before the images are read
