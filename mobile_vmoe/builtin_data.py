@@ -44,9 +44,11 @@ __all__ = [
     "COMPLETE_MARKER",
     "DATASET_JSON",
     "SUPERCLASSES_TRUE_JSON",
+    "build_once",
     "make_digits",
     "make_synthetic",
     "prepare_dataset",
+    "write_dataset_json",
 ]
 
 COMPLETE_MARKER = "COMPLETE"
@@ -160,6 +162,14 @@ def render_synthetic(
     super-classes (as dog breeds and vehicle types differ by different cues) and an expert per super-class
     has less to learn than one shared MLP.
     """
+    return render_synthetic_attributes(s, f, n, num_superclasses, num_fine, image_size, rng)[0]
+
+
+def render_synthetic_attributes(
+    s: int, f: int, n: int, num_superclasses: int, num_fine: int, image_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``render_synthetic``'s images and the attributes they were drawn with ({name: [n] values in [0, 1)}),
+    from the same random stream: what the built-in caption set describes in words."""
     size = image_size
     shape = SHAPES[s % len(SHAPES)]
     a = dict(zip((name for name, _ in FINE_ATTRIBUTES), synthetic_attributes(s, f, n, num_fine, rng)))
@@ -188,7 +198,7 @@ def render_synthetic(
 
     img = mask * fg * tex + (1.0 - mask) * bg
     img = img + rng.normal(0.0, 0.05, size=img.shape)
-    return (img.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return (img.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), a
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
@@ -261,7 +271,7 @@ def make_synthetic(
                 },
             ),
         )
-        _write_dataset_json(tmp, "synthetic", seed, len(names), image_size, params, SYNTHETIC_VERSION)
+        write_dataset_json(tmp, "synthetic", seed, len(names), image_size, params, SYNTHETIC_VERSION)
     return out_dir
 
 
@@ -304,7 +314,7 @@ def _write_digits(
                     img.convert("RGB").save(cdir / f"{i:04d}.png", format="PNG", compress_level=1)
         params = dict(image_size=image_size, val_fraction=val_fraction)
         version, source = DIGIT_SETS[name]
-        _write_dataset_json(tmp, name, seed, 10, image_size, params, version, source=source)
+        write_dataset_json(tmp, name, seed, 10, image_size, params, version, source=source)
     return out_dir
 
 
@@ -341,9 +351,10 @@ def make_mnist(
     return _write_digits(out_dir, "mnist", images, labels, image_size, val_fraction, seed)
 
 
-def _write_dataset_json(
+def write_dataset_json(
     d: Path, name: str, seed: int, num_classes: int, image_size: int, params: dict, version: int, **extra: Any
 ) -> None:
+    """``d/dataset.json`` (what built ``d``), then the ``COMPLETE`` marker: the last files of a build."""
     write_json_atomic(
         d / DATASET_JSON,
         {
@@ -388,7 +399,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _is_complete(d: Path, name: str, seed: int, params: dict[str, Any]) -> bool:
+def _is_complete(d: Path, name: str, seed: int, params: dict[str, Any], version: int) -> bool:
     if not (d / COMPLETE_MARKER).is_file() or not (d / DATASET_JSON).is_file():
         return False
     try:
@@ -399,7 +410,7 @@ def _is_complete(d: Path, name: str, seed: int, params: dict[str, Any]) -> bool:
         meta.get("name") == name
         and meta.get("seed") == seed
         and meta.get("params") == params
-        and meta.get("generator_version") == BUILTIN[name].version
+        and meta.get("generator_version") == version
     )
 
 
@@ -415,35 +426,45 @@ def _build_name(spec: str, seed: int, sig: Any, params: dict[str, Any]) -> str:
     return f"{name}-{digest}"
 
 
+def build_once(
+    spec: str, gen: Builtin, root: str | os.PathLike[str], seed: int, kwargs: dict[str, Any]
+) -> Path:
+    """Build ``spec`` with ``gen`` under ``root/"<spec>-seed<seed>[-<digest>]"`` unless a complete build with the
+    same parameters and generator version is there; return that directory.
+
+    The generator writes ``dataset.json`` and the ``COMPLETE`` marker last (``write_dataset_json``) into a build
+    renamed into place, and a lock lets several processes ask at once: an interrupted or different build is
+    redone, a finished one reused. ``kwargs`` go to the generator; an unknown one is a UserError.
+    """
+    sig = inspect.signature(gen.make)
+    unknown = set(kwargs) - set(sig.parameters) - {"out_dir", "seed"}
+    if unknown or "out_dir" in kwargs:
+        raise UserError(
+            f"dataset {spec!r}: unknown option(s) {sorted(unknown | ({'out_dir'} & set(kwargs)))}"
+        )
+    bound = sig.bind_partial(**kwargs)
+    bound.apply_defaults()
+    params = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "seed")}
+    out = Path(root) / _build_name(spec, seed, sig, params)
+    with _locked(Path(root) / f".{out.name}.lock"):
+        if _is_complete(out, spec, seed, params, gen.version):
+            return out
+        # Temporaries of a killed build (atomic_path's ".<name>.*.tmp"); under the lock nobody else writes them.
+        for stale in Path(root).glob(f".{out.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("building %s dataset in %s", spec, out)
+        gen.make(out, seed=seed, **kwargs)
+    return out
+
+
 def prepare_dataset(spec: str, root: str | os.PathLike[str] = "data", seed: int = 0, **kwargs: Any) -> Path:
     """Return a ready dataset directory.
 
-    ``spec`` "synthetic" or "digits": build it under ``root/"<spec>-seed<seed>"`` unless a complete build with
-    the same parameters is there (marker written last, build renamed into place, so an interrupted or
-    different build is redone); ``kwargs`` go to the generator. Any other ``spec`` must be an existing dataset
-    directory, returned as is.
+    ``spec`` "synthetic", "digits" or "mnist": built once under ``root`` (``build_once``); ``kwargs`` go to the
+    generator. Any other ``spec`` must be an existing dataset directory, returned as is.
     """
     if spec in BUILTIN:
-        gen = BUILTIN[spec].make
-        sig = inspect.signature(gen)
-        unknown = set(kwargs) - set(sig.parameters) - {"out_dir", "seed"}
-        if unknown or "out_dir" in kwargs:
-            raise UserError(
-                f"dataset {spec!r}: unknown option(s) {sorted(unknown | ({'out_dir'} & set(kwargs)))}"
-            )
-        bound = sig.bind_partial(**kwargs)
-        bound.apply_defaults()
-        params = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "seed")}
-        out = Path(root) / _build_name(spec, seed, sig, params)
-        with _locked(Path(root) / f".{out.name}.lock"):
-            if _is_complete(out, spec, seed, params):
-                return out
-            # Temporaries of a killed build (atomic_path's ".<name>.*.tmp"); under the lock nobody else writes them.
-            for stale in Path(root).glob(f".{out.name}.*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            log.info("building %s dataset in %s", spec, out)
-            gen(out, seed=seed, **kwargs)
-        return out
+        return build_once(spec, BUILTIN[spec], root, seed, kwargs)
     if kwargs:
         raise UserError(f"dataset {spec!r}: options {sorted(kwargs)} apply to built-in datasets only")
     d = Path(spec)

@@ -4,7 +4,7 @@ On-disk layout (docs/FILES.md): ``DIR/train/<class>/<image>``, ``DIR/val/<class>
 position of the class folder name in sorted order. Built-in datasets (``builtin_data``: synthetic, digits) also
 write ``DIR/dataset.json``, a ``DIR/COMPLETE`` marker (written last) and, for the synthetic set,
 ``DIR/superclasses_true.json``. Reading the images is ``images``; both are re-exported here, the one module
-stages import their data from.
+stages import their data from. The verb also builds and checks caption sets (``captions``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .builtin_data import (
     make_synthetic,
     prepare_dataset,
 )
+from .captions import check_caption_source, is_caption_source
 from .common import UserError
 from .files.file_list import Sample
 from .files.superclass_map import SuperclassMap, read_superclass_map
@@ -179,9 +180,13 @@ _SYNTHETIC_ONLY = ("num_superclasses", "num_fine", "train_per_class", "val_per_c
 
 def _builtin_options(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {k: getattr(args, k) for k in ("image_size", *_SYNTHETIC_ONLY) if getattr(args, k) is not None}
-    if args.spec != "synthetic" and set(kwargs) & set(_SYNTHETIC_ONLY):
+    if args.captions_per_image is not None:
+        if args.spec != "synthetic-captions":
+            raise UserError("--captions-per-image applies to the synthetic-captions set only")
+        kwargs["captions_per_image"] = args.captions_per_image
+    if args.spec not in ("synthetic", "synthetic-captions") and set(kwargs) & set(_SYNTHETIC_ONLY):
         flags = "/".join("--" + k.replace("_", "-") for k in _SYNTHETIC_ONLY)
-        raise UserError(f"{flags} apply to the synthetic dataset only")
+        raise UserError(f"{flags} apply to the synthetic datasets only")
     return kwargs
 
 
@@ -201,6 +206,8 @@ def _check_folder(d: Path, samples: list[Sample], max_bad_fraction: float) -> No
 
 def _cli(args: argparse.Namespace) -> int:
     check_max_bad_fraction(args.max_bad_fraction)
+    if is_caption_source(args.spec):  # image-caption pairs (LIMoE), not an image folder
+        return check_caption_source(args, _builtin_options(args))
     d = prepare_dataset(args.spec, args.root, args.seed, **_builtin_options(args))
     idx = scan_dataset(d)
     print(f"{d}: {len(idx.class_names)} classes, {len(idx.train)} train, {len(idx.val)} val images")
@@ -211,26 +218,54 @@ def _cli(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "dataset", help="build a built-in dataset (synthetic | digits | mnist), or check a dataset folder"
+        "dataset",
+        help="build a built-in dataset (synthetic | digits | mnist | synthetic-captions), or check a dataset "
+        "folder or a caption set",
     )
     p.add_argument(
-        "spec", help="synthetic | digits | mnist | path to an ImageFolder dataset (DIR/train/<class>/...)"
+        "spec",
+        help="synthetic | digits | mnist | synthetic-captions | path to an ImageFolder dataset "
+        "(DIR/train/<class>/...) | a caption set: FILE.csv, FILE.tsv, SHARD.tar, or a folder of them",
     )
     p.add_argument("--root", default="data", help="where built-in datasets are built (default: data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--num-superclasses", type=int, default=None, help="synthetic: S (default 10)")
     p.add_argument(
-        "--num-fine", type=int, default=None, help="synthetic: F fine classes per super-class (10)"
+        "--num-fine",
+        type=int,
+        default=None,
+        help="synthetic: F fine classes per super-class (10; synthetic-captions: 3)",
     )
     p.add_argument(
-        "--train-per-class", type=int, default=None, help="synthetic: train images per class (260)"
+        "--train-per-class",
+        type=int,
+        default=None,
+        help="synthetic: train images per class (260; synthetic-captions: 100)",
     )
-    p.add_argument("--val-per-class", type=int, default=None, help="synthetic: val images per class (50)")
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="synthetic: val images per class (50; synthetic-captions: 20)",
+    )
+    p.add_argument(
+        "--captions-per-image",
+        type=int,
+        default=None,
+        help="synthetic-captions: captions per train image (2)",
+    )
+    p.add_argument("--csv-img-key", default="filepath", help="caption table: image path column (filepath)")
+    p.add_argument("--csv-caption-key", default="title", help="caption table: caption column (title)")
+    p.add_argument("--csv-label-key", default="label", help="caption table: optional class index column")
+    p.add_argument(
+        "--csv-separator", default=None, help="caption table: column separator (default: by extension)"
+    )
     p.add_argument(
         "--max-bad-fraction",
         type=float,
         default=0.01,
-        help="DIR: fail when more than this fraction of the images cannot be read (default 0.01)",
+        help="DIR / caption set: fail when more than this fraction of the images (rows) cannot be read (default "
+        "0.01)",
     )
     p.set_defaults(func=_cli)

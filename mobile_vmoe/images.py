@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -25,10 +25,26 @@ from .preprocess import HIGH_BIT_MODES, to_rgb8
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageCheck", "ImageListDataset", "check_images", "collate_skip_bad", "inspect_images"]
+__all__ = [
+    "ImageCheck",
+    "ImageListDataset",
+    "check_images",
+    "collate_skip_bad",
+    "inspect_images",
+    "open_rgb",
+    "probe_image",
+    "probe_many",
+]
 
 # Errors PIL raises for unreadable, truncated or malformed files (SyntaxError: some plugins' "broken" files).
 BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def open_rgb(src: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """An image file (a path, or an open binary file such as a tar member) decoded as 8-bit RGB; raises one of
+    ``BAD_IMAGE_ERRORS`` when it cannot be read."""
+    with Image.open(src) as im:
+        return to_rgb8(im)  # forces a full decode: truncation surfaces here
 
 
 class ImageListDataset(torch.utils.data.Dataset):
@@ -58,12 +74,11 @@ class ImageListDataset(torch.utils.data.Dataset):
     def _decode(self, i: int) -> Image.Image | None:
         s = self.samples[i]
         try:
-            with Image.open(self.data_dir / s.path) as im:
-                return to_rgb8(im)  # forces a full decode: truncation surfaces here
+            return open_rgb(self.data_dir / s.path)
         except BAD_IMAGE_ERRORS as e:
             if self._warned < 10:
                 self._warned += 1
-                log.warning("skipping unreadable image %s: %s", self.data_dir / s.path, _why(e))
+                log.warning("skipping unreadable image %s: %s", self.data_dir / s.path, why_unreadable(e))
             return None
 
     def __getitem__(self, i: int) -> tuple[Any, int] | None:
@@ -102,7 +117,8 @@ class ImageCheck(NamedTuple):
     high_bit_depth: list[Sample]  # more than 8 bits per channel: loading scales them to 8
 
 
-def _why(e: Exception) -> str:
+def why_unreadable(e: Exception) -> str:
+    """A few words on why PIL could not read an image."""
     if isinstance(e, FileNotFoundError):
         return "missing"
     if isinstance(e, UnidentifiedImageError):
@@ -116,41 +132,53 @@ def _more_than_8_bits(im: Image.Image) -> bool:
     return im.mode in HIGH_BIT_MODES or any(";16" in str(tile.args) for tile in im.tile)
 
 
-def _probe(path: Path) -> tuple[str | None, bool]:
-    """(why ``path`` cannot be read, or None; whether it has more than 8 bits per channel)."""
+def probe_image(src: str | os.PathLike[str] | IO[bytes]) -> tuple[str | None, bool]:
+    """(why the image ``src`` (a path or an open binary file) cannot be read, or None; whether it has more than
+    8 bits per channel)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             deep = _more_than_8_bits(im)
             # A JPEG decodes at 1/8 scale: every byte is still read (truncation shows), in a fraction of the time.
             im.draft(im.mode, (1, 1))
             im.load()
     except BAD_IMAGE_ERRORS as e:
-        return _why(e), False
+        return why_unreadable(e), False
     return None, deep
 
 
-def inspect_images(data_dir: str | os.PathLike[str], samples: Sequence[Sample]) -> ImageCheck:
-    """Open and decode every image of ``samples`` (paths relative to ``data_dir``)."""
+def probe_many(
+    srcs: Sequence[Any],
+    probe: Callable[[Any], tuple[str | None, bool]] = probe_image,
+    desc: str = "checking images",
+) -> list[tuple[str | None, bool]]:
+    """``probe(src)`` of every src (default ``probe_image``: a path or an open file), in threads, with progress."""
     from tqdm import tqdm
 
-    data_dir = Path(data_dir)
-    unreadable: list[tuple[Sample, str]] = []
-    deep: list[Sample] = []
-    log.info("checking %d images under %s", len(samples), data_dir)
+    out: list[tuple[str | None, bool]] = []
     chunk = 1024  # bounds the futures in flight on a million-image dataset
     # PIL's decoders release the GIL, so threads decode in parallel
     with (
         ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
-        tqdm(total=len(samples), desc="checking images", unit="img", disable=None) as bar,
+        tqdm(total=len(srcs), desc=desc, unit="img", disable=None) as bar,
     ):
-        for start in range(0, len(samples), chunk):
-            part = samples[start : start + chunk]
-            for s, (why, more_bits) in zip(part, pool.map(_probe, [data_dir / s.path for s in part])):
-                if why is not None:
-                    unreadable.append((s, why))
-                elif more_bits:
-                    deep.append(s)
+        for start in range(0, len(srcs), chunk):
+            part = srcs[start : start + chunk]
+            out.extend(pool.map(probe, part))
             bar.update(len(part))
+    return out
+
+
+def inspect_images(data_dir: str | os.PathLike[str], samples: Sequence[Sample]) -> ImageCheck:
+    """Open and decode every image of ``samples`` (paths relative to ``data_dir``)."""
+    data_dir = Path(data_dir)
+    unreadable: list[tuple[Sample, str]] = []
+    deep: list[Sample] = []
+    log.info("checking %d images under %s", len(samples), data_dir)
+    for s, (why, more_bits) in zip(samples, probe_many([data_dir / s.path for s in samples])):
+        if why is not None:
+            unreadable.append((s, why))
+        elif more_bits:
+            deep.append(s)
     return ImageCheck(len(samples), unreadable, deep)
 
 

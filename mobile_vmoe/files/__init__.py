@@ -5,6 +5,8 @@
     superclasses.json               files.superclass_map     SuperclassMap
     FILE.<ext>.json export sidecar  files.sidecar            Sidecar
     OUT/stages/<stage>.json         files.stage_marker       StageMarker
+    caption sets (LIMoE):           files.captions           CaptionRow, CaptionClasses
+      captions.csv|tsv, *.tar shards, classes.json
     bench results                   mobile_vmoe.bench.schema
 
 Stage code reads and writes these records, never their JSON keys; docs/FILES.md describes the formats.
