@@ -39,7 +39,8 @@ class PipelineConfig:
         default_factory=lambda: [2.0, 1.0, 0.5, 0.25, 0.1]
     )  # V-MoE eval sweep
     # The per-token model's .pte also exported (and benched) at these inference capacity ratios, each one of
-    # capacity_ratios (the eval curve gives its top-1): the report's accuracy vs latency plot. Needs pte in formats.
+    # capacity_ratios (the eval curve gives its top-1): the report's accuracy vs latency plot. Applies only with
+    # vmoe_model set and pte in formats (a run without exports, e.g. formats=[], ignores it).
     pareto_capacity_ratios: list[float] = field(default_factory=list)
     superclass_algorithm: str = "spectral"  # see mobile_vmoe.superclasses.ALGORITHMS
     formats: list[str] = field(default_factory=lambda: ["pte", "coreml", "onnx"])

@@ -280,8 +280,10 @@ def _latency_section(r: _Run) -> list[str]:
     if "bench" not in r.stages:
         return []
     rows, device = [], ""
+    from .bench.schema import ingest_result
+
     for name, res in sorted(r.stages["bench"].results.items()):
-        doc = read_json(res)
+        doc = ingest_result(res)
         s = doc["stats"]
         device = doc["device"]["model"]
         rows.append({
