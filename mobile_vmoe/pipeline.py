@@ -14,7 +14,9 @@ Stages (each calls the public entry of the stage module; they talk only through 
     vmoe          per-token V-MoE (only with vmoe_model set)        OUT/vmoe/          (train)
     eval          top-1/top-5 of each, routing statistics,          OUT/eval/          (eval)
                   a V-MoE's accuracy vs capacity curve
-    export        .pte (fp32, int8), .mlpackage, .onnx of each      OUT/export/        (export)
+    export        .pte (fp32, int8), .mlpackage, .onnx of each;     OUT/export/        (export)
+                  the per-token model's .pte at each of
+                  pareto_capacity_ratios (vmoe_c<ratio>.pte)
     bench         host latency of the runnable artifacts            OUT/bench/         (bench)
     report        report.md / report.html with plots                OUT/report.*       (report)
 
@@ -37,13 +39,22 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .common import UserError
-from .config import list_presets, load_config, load_structured, model_kwargs
+from .config import list_presets, model_kwargs
 from .files.stage_marker import StageMarker, marker_path, write_marker
+from .pipeline_config import (
+    FIRST_STAGE,
+    SCHEDULING_KEYS,
+    Artifact,
+    PipelineConfig,
+    export_artifacts,
+    load_pipeline_config,
+    train_config,
+)
 from .pipeline_dir import (
     LOCK_FILE,
     PIPELINE_YAML,
@@ -67,55 +78,11 @@ from .pipeline_dir import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "STAGES", "load_pipeline_config", "run_pipeline", "train_config"]
+__all__ = [
+    "FIRST_STAGE", "PipelineConfig", "STAGES", "load_pipeline_config", "run_pipeline", "train_config",
+]  # fmt: skip
 
 MODELS = ("dense", "moe", "vmoe")  # vmoe only when the config names a per-token model
-
-
-@dataclass
-class PipelineConfig:
-    name: str = "default"
-    train: str = (
-        "synthetic"  # training preset (or YAML file) shared by both models: same data, recipe, budget
-    )
-    data: str = ""  # "": the training preset's data.spec; else an ImageFolder directory or a built-in name
-    dense_model: str = "mobile_vit_nano_patch8_32"
-    moe_model: str = "mobile_vmoe_nano_patch8_32"  # same width/depth as the dense model: equal active FLOPs
-    train_overrides: list[str] = field(default_factory=list)  # key=value for both trainings
-    dense_overrides: list[str] = field(default_factory=list)
-    moe_overrides: list[str] = field(default_factory=list)
-    # A per-token V-MoE trained beside them on the same data and budget (no super-classes); "" leaves it out.
-    vmoe_model: str = ""
-    vmoe_overrides: list[str] = field(default_factory=list)
-    capacity_ratios: list[float] = field(
-        default_factory=lambda: [2.0, 1.0, 0.5, 0.25, 0.1]
-    )  # V-MoE eval sweep
-    superclass_algorithm: str = "spectral"  # see mobile_vmoe.superclasses.ALGORITHMS
-    formats: list[str] = field(default_factory=lambda: ["pte", "coreml", "onnx"])
-    int8: bool = True  # also a PT2E int8 .pte (and its latency)
-    num_verify: int = 500  # images each export is checked on (the issue's bar for int8 agreement)
-    export_workers: int = 2  # artifacts lowered side by side: lowering is mostly single-threaded Python
-    bench_warmup: int = 10
-    bench_iterations: int = 50
-    bench_threads: int = 0  # 0: the runtime's default
-    seed: int = 0
-
-
-# The first stage each config key changes: a run with a changed key must redo from there (or earlier).
-# moe_model / moe_overrides fix E, the number of super-classes.
-FIRST_STAGE = {
-    "name": "dense", "train": "data", "data": "data", "dense_model": "dense", "moe_model": "superclasses",
-    "train_overrides": "data", "dense_overrides": "dense", "moe_overrides": "superclasses",
-    "superclass_algorithm": "superclasses", "vmoe_model": "vmoe", "vmoe_overrides": "vmoe",
-    "capacity_ratios": "eval", "formats": "export", "int8": "export", "num_verify": "export",
-    "bench_warmup": "bench", "bench_iterations": "bench", "bench_threads": "bench", "seed": "dense",
-}  # fmt: skip
-SCHEDULING_KEYS = {"export_workers"}  # change how a stage runs, not what it writes: never force a redo
-
-
-def load_pipeline_config(preset_or_file: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """A pipeline preset (``list_presets("pipeline")``) or YAML file, then ``key=value`` overrides."""
-    return load_structured(PipelineConfig, preset_or_file, overrides, kind="pipeline")
 
 
 def _check_config_change(out: Path, cfg: PipelineConfig, start: str | None) -> None:
@@ -130,24 +97,6 @@ def _check_config_change(out: Path, cfg: PipelineConfig, start: str | None) -> N
             f"pass --from {STAGES[need]} (or an earlier stage) to redo from the first stage it changes, or use "
             f"another --out"
         )
-
-
-def train_config(cfg: PipelineConfig, out: Path, which: str) -> Any:
-    """The training config of the ``which`` ("dense" | "moe" | "vmoe") model of a pipeline writing to ``out``."""
-    own = {"dense": cfg.dense_overrides, "moe": cfg.moe_overrides, "vmoe": cfg.vmoe_overrides}[which]
-    tcfg = load_config(cfg.train, [*cfg.train_overrides, *own])
-    tcfg.model = {"dense": cfg.dense_model, "moe": cfg.moe_model, "vmoe": cfg.vmoe_model}[which]
-    tcfg.name = f"{cfg.name}-{which}"
-    tcfg.seed = cfg.seed
-    tcfg.out = str(out / which)
-    if cfg.data and cfg.data != tcfg.data.spec:
-        tcfg.data.dataset_kwargs = {}  # the preset's generator options are for its own dataset, not this one
-        tcfg.data.spec = cfg.data
-    if tcfg.data.spec in ("synthetic", "digits") and tcfg.data.root == "data":
-        tcfg.data.root = str(out / "data")  # generated data lives with the run
-    if which == "moe":
-        tcfg.moe.superclasses = str(out / "superclasses" / "superclasses.json")
-    return tcfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +170,12 @@ class _Pipeline:
             if not c.capacity_ratios or any(not r > 0 for r in c.capacity_ratios):
                 raise UserError(
                     f"pipeline config capacity_ratios: expected values > 0, got {c.capacity_ratios}"
+                )
+            missing = [r for r in c.pareto_capacity_ratios if r not in c.capacity_ratios]
+            if "pte" in c.formats and missing:
+                raise UserError(
+                    f"pipeline config pareto_capacity_ratios: {missing} not among capacity_ratios "
+                    f"{c.capacity_ratios} (the eval stage's curve gives each export's top-1)"
                 )
         if c.superclass_algorithm not in ALGORITHMS:
             raise UserError(f"pipeline config superclass_algorithm: expected one of {', '.join(ALGORITHMS)}")
@@ -326,16 +281,8 @@ class _Pipeline:
                 s.capacity_curves[which] = str(curve)
         return _Done(outputs, s)
 
-    def _artifacts(self) -> list[tuple[str, str, str | None, Path]]:
-        """(model, format, quantize, path) of every artifact the export stage makes."""
-        ext = {"pte": ".pte", "coreml": ".mlpackage", "onnx": ".onnx"}
-        arts = []
-        for which in self.models():
-            for fmt in self.cfg.formats:
-                arts.append((which, fmt, None, self.out / "export" / f"{which}{ext[fmt]}"))
-                if fmt == "pte" and self.cfg.int8:
-                    arts.append((which, fmt, "int8", self.out / "export" / f"{which}_int8.pte"))
-        return arts
+    def _artifacts(self) -> list[Artifact]:
+        return export_artifacts(self.cfg, self.out, self.models())
 
     def export(self) -> _Done:
         from .export.parallel import ExportJob, export_many
@@ -343,13 +290,16 @@ class _Pipeline:
 
         s = ExportSummary({}, {})
         jobs = []
-        for which, fmt, quant, path in self._artifacts():
+        for which, fmt, quant, path, capacity in self._artifacts():
             if path.exists() and sidecar_path(path).is_file():
                 s.artifacts[path.name] = str(path)  # finished before an interruption
                 continue
             ckpt = str(self.run_dir(which) / "model.safetensors")
-            kw = dict(checkpoint=ckpt, quantize=quant, num_verify=self.cfg.num_verify, seed=self.cfg.seed)
-            jobs.append(ExportJob(fmt, str(path), {**kw, "verbose": False}))
+            kw = dict(
+                checkpoint=ckpt, quantize=quant, capacity_ratio=capacity, num_verify=self.cfg.num_verify
+            )
+            kw.update(seed=self.cfg.seed, verbose=False)
+            jobs.append(ExportJob(fmt, str(path), kw))
         for i, (job, error) in enumerate(export_many(jobs, self.cfg.export_workers), start=1):
             name = Path(job.out).name
             log.info("[export] %d/%d %s", i, len(jobs), name)
@@ -369,7 +319,7 @@ class _Pipeline:
         exported = self.summary("export").artifacts
         images = self._bench_images()
         s = BenchSummary({})
-        todo = [p for _w, fmt, _q, p in self._artifacts() if fmt != "coreml" and p.name in exported]
+        todo = [a.path for a in self._artifacts() if a.format != "coreml" and a.path.name in exported]
         for i, path in enumerate(todo, start=1):  # Core ML predicts only on Apple hardware: ios_bench/
             log.info("[bench] %d/%d %s", i, len(todo), path.name)
             res = self.out / "bench" / f"{path.name}.json"

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary", "ExportSummary",
-    "ReportSummary", "SuperclassSummary", "TrainSummary", "changed_keys", "is_pipeline_dir", "locked",
+    "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
     "not_done", "prepare", "read_summary", "wait_for",
 ]  # fmt: skip
 
@@ -42,6 +42,11 @@ LOCK_FILE = ".lock"
 # a generated dataset is kept on a redo: prepare_dataset rebuilds it when incomplete or changed
 KEEP_ON_REDO = ("data",)
 RANK0_WAIT_S = 24 * 3600  # how long ranks > 0 wait for rank 0's single-process stages
+
+
+def capacity_export_name(which: str, capacity_ratio: float) -> str:
+    """The per-token model's .pte exported at an inference capacity ratio: ``vmoe_c0.5.pte``."""
+    return f"{which}_c{capacity_ratio:g}.pte"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,7 +194,9 @@ def changed_keys(out: Path, cfg: Any) -> list[str]:
         return []
     old = yaml.safe_load(saved.read_text()) or {}
     new = config_to_dict(cfg)
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # a key added to the config since OUT was made counts as its default there
+    default = config_to_dict(type(cfg)())
+    return sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k))
 
 
 def _check_from(out: Path, start: str) -> None:

@@ -20,6 +20,7 @@ from .data import load_superclass_truth
 from .files.stage_marker import read_marker
 from .files.superclass_map import SUPERCLASSES_JSON, SuperclassMap, read_superclass_map
 from .pipeline_dir import STAGES, read_summary
+from .report_pareto import pareto_section
 
 __all__ = ["write_report"]
 
@@ -279,8 +280,10 @@ def _latency_section(r: _Run) -> list[str]:
     if "bench" not in r.stages:
         return []
     rows, device = [], ""
+    from .bench.schema import ingest_result
+
     for name, res in sorted(r.stages["bench"].results.items()):
-        doc = read_json(res)
+        doc = ingest_result(res)
         s = doc["stats"]
         device = doc["device"]["model"]
         rows.append({
@@ -438,6 +441,7 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     md += _routing_section(r, evals.get("moe"))
     md += _token_routing_section(r, evals.get("vmoe"))
     md += _latency_section(r)
+    md += pareto_section(r.out, r.figdir, r.stages)
     md += _artifacts_section(r)
     md += _provenance_section(r)
     text = "\n".join(md)

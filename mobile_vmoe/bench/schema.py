@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common import UserError, read_json
+from ..common import UserError, read_json, write_json_atomic
 
 __all__ = [
     "SCHEMA_FILE",
@@ -25,6 +25,7 @@ __all__ = [
     "latency_stats",
     "load_schema",
     "validate_result",
+    "write_result",
 ]
 
 SCHEMA_VERSION = "1.0"
@@ -114,3 +115,9 @@ def ingest_result(
         ]
     doc["stats"] = recomputed
     return doc
+
+
+def write_result(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
+    """Validate ``doc``, recompute its stats from its samples (``ingest_result``) and write it atomically."""
+    write_json_atomic(path, ingest_result(doc, str(path)))
+    return Path(path)
