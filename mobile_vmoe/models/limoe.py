@@ -94,6 +94,7 @@ class LIMoEMlp(TokenMoEMlp):
         for m in (0, 1):  # image, text
             importance, load = self.router.balance_losses(*(h[m] for h in halves))
             parts.append(TokenRouting(halves[0][m], *(f[m] for f in fields), importance, load, capacity))
+        self._keep(routing)  # the joint routing, in ``last_routing``
         _LAST_MODALITY_ROUTING[self] = ModalityRouting(parts[0], parts[1], token_mask[:, num_image_tokens:])
         return self.experts(y, routing).reshape(B, T, D)
 

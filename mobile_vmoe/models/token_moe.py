@@ -309,9 +309,12 @@ class TokenMoEMlp(nn.Module):
         B, T, D = x.shape
         y, mask, capacity, bpr = self.grouped(x, token_mask)
         routing = self.router(y, capacity, bpr, mask)
+        self._keep(routing)
+        return self.experts(y, routing).reshape(B, T, D)
+
+    def _keep(self, routing: TokenRouting) -> None:
         if not torch.jit.is_scripting():
             _LAST_ROUTING[self] = routing
-        return self.experts(y, routing).reshape(B, T, D)
 
     def grouped(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None
