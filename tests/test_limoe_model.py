@@ -21,6 +21,7 @@ from mobile_vmoe.models import (
     local_entropy,
 )
 from mobile_vmoe.models.limoe import IMAGE_TEXT_VARIANTS
+from mobile_vmoe.models.token_moe import TokenRouter, buffer_slots
 from mobile_vmoe.text import Tokenizer, text_mask
 
 LIMOE, ONETOWER, CLIP = (
@@ -59,6 +60,40 @@ def test_tokenizer_matches_open_clip_and_counts_cut_and_empty_captions():
     assert tok.vocab_size == 49408 and tok.decode(batch.tokens[0]) == "a cat ."
     with pytest.raises(TypeError, match="sequence of captions"):
         tok("a cat")
+
+
+def _reference_masked_slots(idx, gates, mask, E: int, P: int, bpr: bool) -> torch.Tensor:
+    """V-MoE's placement as loops, skipping the masked tokens (no slot: E * P)."""
+    G, N, K = idx.shape
+    out = torch.full_like(idx, E * P)
+    for g in range(G):
+        order = sorted(range(N), key=lambda i: -float(gates[g, i, 0])) if bpr else range(N)
+        count = [0] * E
+        for k in range(K):
+            for i in order:
+                if mask[g, i]:
+                    e = int(idx[g, i, k])
+                    out[g, i, k] = e * P + count[e] if count[e] < P else E * P
+                    count[e] += 1
+    return out
+
+
+@pytest.mark.parametrize("bpr", [False, True])
+def test_masked_tokens_take_no_slot_and_count_in_no_loss(bpr):
+    g = torch.Generator().manual_seed(0)
+    G, N, E, K, P = 2, 12, 4, 2, 3
+    probs = torch.randn(G, N, E, generator=g).softmax(-1)
+    gates, idx = probs.topk(K, dim=-1)
+    mask = torch.rand(G, N, generator=g) > 0.4
+    expected = _reference_masked_slots(idx, gates, mask, E, P, bpr)
+    assert torch.equal(buffer_slots(idx, gates, E, P, bpr, mask), expected)
+    router = TokenRouter(8, E, top_k=1).train()
+    x = torch.randn(1, N, 8, generator=g)
+    logits, noisy = router.scores(x)
+    keep = mask[:1]
+    masked = router.balance_losses(logits, noisy, keep)
+    alone = router.balance_losses(logits[keep][None], noisy[keep][None])
+    assert torch.allclose(torch.stack(masked), torch.stack(alone), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NANO)

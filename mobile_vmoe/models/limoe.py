@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..text import PAD_ID
+from ..text import text_mask
 from .moe import expert_bias_names
 from .profile import count_flops
 from .token_moe import TokenMoEMlp, TokenRouting
@@ -331,7 +331,7 @@ class ImageTextTransformer(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, L] (``Tokenizer``) -> [B, P] normalised; padding is routed nowhere."""
-        mask = tokens != PAD_ID
+        mask = text_mask(tokens)
         return self._text_head(self._towers(None, self._embed_text(tokens), mask)[1], tokens)
 
     def scale(self) -> torch.Tensor:
@@ -342,7 +342,7 @@ class ImageTextTransformer(nn.Module):
         """A batch of image-caption pairs, both modalities in one pass (routed together in the MoE blocks)."""
         if images.shape[0] != tokens.shape[0]:
             raise ValueError(f"images and tokens must pair up: batch {images.shape[0]} vs {tokens.shape[0]}")
-        mask = tokens != PAD_ID
+        mask = text_mask(tokens)
         img, txt = self._towers(self._embed_image(images), self._embed_text(tokens), mask)
         return ImageTextOutput(self._image_head(img), self._text_head(txt, tokens), self.scale())
 

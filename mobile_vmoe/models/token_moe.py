@@ -134,17 +134,15 @@ class TokenRouter(nn.Module):
         noisy: torch.Tensor,
         capacity: int,
         bpr: bool,
-        mask: torch.Tensor | None = None,
-        dtype: torch.dtype | None = None,
+        mask: torch.Tensor | None,
+        dtype: torch.dtype,
     ) -> TokenRouting:
-        """The routing from ``scores``: top-K of the noisy softmax, buffer slots, balance losses."""
+        """The routing from ``scores``: top-K of the noisy softmax, buffer slots, balance losses; gates in ``dtype``."""
         probs = noisy.softmax(dim=-1)
         gates, idx = probs.topk(self.top_k, dim=-1)  # [G, N, K]
         slot = buffer_slots(idx, gates, self.num_experts, capacity, bpr, mask)
         importance, load = self.balance_losses(logits, noisy, mask)
-        return TokenRouting(
-            logits, probs, idx, gates.to(dtype or gates.dtype), slot, importance, load, capacity
-        )
+        return TokenRouting(logits, probs, idx, gates.to(dtype), slot, importance, load, capacity)
 
     def balance_losses(
         self, logits: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor | None = None
