@@ -10,6 +10,11 @@ real caption tokens of the routing group go through ONE router and ONE set of ex
 padding takes no slot. Pooling: the mean of the patch tokens (our choice; no class token), and the EOT token of
 the caption (CLIP). Each modality has its own LayerNorm and projection to P, and one learned temperature.
 
+Variants (our sizes): nano 32 px / patch 8 (16 image tokens) and tiny 224 px / patch 16, depth 12, P = D, captions
+of up to 32 tokens; LIMoE has E=8 experts in every other block (6 of 12, the last included), top-1. The two-tower
+CLIP runs the same blocks over the same tokens, one tower per modality: equal FLOPs per example to the dense
+one-tower model (``flops_per_example``); LIMoE adds its routers and the buffer slack of the capacity ratio.
+
     model = timm.create_model("mobile_limoe_nano_patch8_32")
     out, routings = model.forward_with_routing(images, tokens)   # ImageTextOutput, [ModalityRouting] per MoE block
     model.encode_image(images)  # [B, P], the image path alone (what the phone runs)
