@@ -108,7 +108,9 @@ def test_outputs_are_normalised_with_the_clip_temperature(name):
     assert model.is_image_text and model.context_length == L and model.vocab_size == 49408
     assert model.image_size == 32 and model.pretrained_cfg["input_size"] == (3, 32, 32)
     moe = name == LIMOE
-    assert model.is_moe == moe and len(routings) == len(model.moe_mlps()) == (6 if moe else 0)
+    assert model.is_moe == moe and len(routings) == len(model.moe_mlps()) == model.num_moe_layers == (
+        6 if moe else 0
+    )
     assert model.moe_routing == ("token" if moe else None) and model.num_experts == (8 if moe else 0)
 
 

@@ -217,6 +217,7 @@ class ImageTextTransformer(nn.Module):
         self.blocks = tower()
         self.text_blocks = tower() if two_tower else None
         self.moe_indices = moe_block_indices(depth, moe_every, "every") if num_experts else []
+        self.num_moe_layers = len(self.moe_indices)
         for i in self.moe_indices:
             self.blocks[i].mlp = LIMoEMlp.from_block_mlp(
                 self.blocks[i].mlp,
