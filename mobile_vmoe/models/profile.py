@@ -34,7 +34,8 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
-    """Forward FLOPs for a single image (batch 1), model in eval mode."""
+    """Forward FLOPs for a single image (batch 1), model in eval mode; an image-text model (``is_image_text``)
+    runs one image and one full-length caption."""
     if input_size is None:
         input_size = tuple(model.pretrained_cfg["input_size"])  # type: ignore[index]
     was_training = model.training
@@ -43,7 +44,11 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None
     try:
         with counter:
             p = next(model.parameters())
-            model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+            images = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
+            if getattr(model, "is_image_text", False):  # with a full-length caption: both modalities
+                model(images, torch.ones(1, model.context_length, dtype=torch.long, device=p.device))
+            else:
+                model(images)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

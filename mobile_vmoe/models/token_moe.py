@@ -49,13 +49,19 @@ def _cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 def buffer_slots(
-    expert_idx: torch.Tensor, gates: torch.Tensor, num_experts: int, capacity: int, bpr: bool
+    expert_idx: torch.Tensor,
+    gates: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    bpr: bool,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Place every choice in its expert's buffer: expert_idx, gates [G, N, K] -> slot [G, N, K].
 
     Choices are ranked K-major (all first choices, then all second choices); within a rank, in token order, or
     with ``bpr`` by descending top gate. A choice's position is the count of earlier choices of its expert;
-    positions >= ``capacity`` are dropped (slot E * P).
+    positions >= ``capacity`` are dropped (slot E * P). Tokens outside ``mask`` ([G, N], True = routed; text
+    padding) take no slot and are not counted.
     """
     G, N, K = expert_idx.shape
     E, P = num_experts, capacity
@@ -65,11 +71,17 @@ def buffer_slots(
         # [G, N], most confident first; topk, not argsort: ExecuTorch's portable kernels have no sort
         order = gates[..., 0].topk(N, dim=1).indices
         idx = idx.gather(1, order.unsqueeze(-1).expand(G, N, K))
-    onehot = F.one_hot(idx, E).transpose(1, 2).reshape(G, K * N, E)  # K-major
+    onehot = F.one_hot(idx, E)  # [G, N, K, E] in ranking order
+    if mask is not None:  # a masked token counts for no expert
+        onehot = onehot * mask.gather(1, order).to(onehot.dtype)[..., None, None]
+    onehot = onehot.transpose(1, 2).reshape(G, K * N, E)  # K-major
     pos = ((onehot.cumsum(dim=1) - 1) * onehot).sum(dim=-1).reshape(G, K, N).transpose(1, 2)  # [G, N, K]
     if bpr:  # back to token order: pos_in_token_order[order[i]] = pos[i]
         pos = torch.zeros_like(pos).scatter(1, order.unsqueeze(-1).expand(G, N, K), pos)
-    return torch.where(pos < P, expert_idx * P + pos, torch.full_like(pos, E * P))
+    keep = pos < P
+    if mask is not None:
+        keep = keep & mask.unsqueeze(-1)
+    return torch.where(keep, expert_idx * P + pos, torch.full_like(pos, E * P))
 
 
 @register_notrace_module
@@ -99,23 +111,54 @@ class TokenRouter(nn.Module):
         self.noise_std = noise_std
         self.proj = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, capacity: int, bpr: bool) -> TokenRouting:
-        """x: [G, N, D] -> the routing of its G * N tokens into [E, capacity] buffers."""
-        E, K = self.num_experts, self.top_k
-        logits = self.proj(x).float()  # [G, N, E]; float: softmax and the normal CDF want the precision
-        std = self.noise_std / E
+    def forward(
+        self, x: torch.Tensor, capacity: int, bpr: bool, mask: torch.Tensor | None = None
+    ) -> TokenRouting:
+        """x: [G, N, D] -> the routing of its G * N tokens into [E, capacity] buffers.
+
+        ``mask`` [G, N] (True = routed): the other tokens take no buffer slot and count in no loss.
+        """
+        logits, noisy = self.scores(x)
+        return self.route(logits, noisy, capacity, bpr, mask, x.dtype)
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [G, N, D] -> (logits, logits plus the training noise), both [G, N, E] in float32."""
+        logits = self.proj(x).float()  # float: softmax and the normal CDF want the precision
+        std = self.noise_std / self.num_experts
         noisy = logits + torch.randn_like(logits) * std if self.training and std > 0 else logits
+        return logits, noisy
+
+    def route(
+        self,
+        logits: torch.Tensor,
+        noisy: torch.Tensor,
+        capacity: int,
+        bpr: bool,
+        mask: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> TokenRouting:
+        """The routing from ``scores``: top-K of the noisy softmax, buffer slots, balance losses; gates in ``dtype``."""
         probs = noisy.softmax(dim=-1)
-        gates, idx = probs.topk(K, dim=-1)  # [G, N, K]
-        slot = buffer_slots(idx, gates, E, capacity, bpr)
-        importance = _cv_squared(probs.sum(dim=1))  # [G, E] summed gates per expert
-        if self.training and std > 0:
-            threshold = noisy.topk(K, dim=-1)[0][..., -1:]  # [G, N, 1] the K-th largest noisy logit
-            p_in_top_k = 0.5 * torch.erfc((threshold - logits) / (std * math.sqrt(2.0)))  # 1 - Phi(z)
-            load = _cv_squared(p_in_top_k.mean(dim=1))
-        else:
-            load = logits.new_zeros(())
-        return TokenRouting(logits, probs, idx, gates.to(x.dtype), slot, importance, load, capacity)
+        gates, idx = probs.topk(self.top_k, dim=-1)  # [G, N, K]
+        slot = buffer_slots(idx, gates, self.num_experts, capacity, bpr, mask)
+        importance, load = self.balance_losses(logits, noisy, mask)
+        return TokenRouting(logits, probs, idx, gates.to(dtype), slot, importance, load, capacity)
+
+    def balance_losses(
+        self, logits: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """V-MoE's (importance, load) losses over the tokens in ``mask`` ([G, N]; all when None)."""
+        probs = noisy.softmax(dim=-1)
+        w = None if mask is None else mask.unsqueeze(-1).to(probs.dtype)  # [G, N, 1]
+        importance = _cv_squared(probs.sum(dim=1) if w is None else (probs * w).sum(dim=1))  # [G, E]
+        std = self.noise_std / self.num_experts
+        if not (self.training and std > 0):
+            return importance, logits.new_zeros(())
+        threshold = noisy.topk(self.top_k, dim=-1)[0][..., -1:]  # [G, N, 1] the K-th largest noisy logit
+        p_in_top_k = 0.5 * torch.erfc((threshold - logits) / (std * math.sqrt(2.0)))  # 1 - Phi(z)
+        if w is None:
+            return importance, _cv_squared(p_in_top_k.mean(dim=1))
+        return importance, _cv_squared((p_in_top_k * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
@@ -255,17 +298,33 @@ class TokenMoEMlp(nn.Module):
                 raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
             self.router.top_k = int(top_k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]; the tokens of ``group_size`` images are routed together."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; the tokens of ``group_size`` images are routed together.
+
+        ``token_mask`` [B, T] (True = routed): the other tokens (text padding) take no buffer slot, count in no
+        loss and come out as zeros.
+        """
         B, T, D = x.shape
-        g = group_images(B, self.group_size if self.training else self.eval_group_size)
-        y = x.reshape(B // g, g * T, D)  # [G, N, D]
-        ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
-        bpr = self.bpr if self.training else self.eval_bpr
-        routing = self.router(y, expert_capacity(g * T, self.router.top_k, ratio, self.num_experts), bpr)
+        y, mask, capacity, bpr = self.grouped(x, token_mask)
+        routing = self.router(y, capacity, bpr, mask)
+        self._keep(routing)
+        return self.experts(y, routing).reshape(B, T, D)
+
+    def _keep(self, routing: TokenRouting) -> None:
         if not torch.jit.is_scripting():
             _LAST_ROUTING[self] = routing
-        return self.experts(y, routing).reshape(B, T, D)
+
+    def grouped(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+        """x [B, T, D] -> (groups [G, N, D], mask [G, N] or None, capacity P, BPR) for the current mode."""
+        B, T, D = x.shape
+        g = group_images(B, self.group_size if self.training else self.eval_group_size)
+        ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
+        bpr = self.bpr if self.training else self.eval_bpr
+        mask = None if token_mask is None else token_mask.reshape(B // g, g * T)
+        capacity = expert_capacity(g * T, self.router.top_k, ratio, self.num_experts)
+        return x.reshape(B // g, g * T, D), mask, capacity, bpr
 
     __jit_unused_properties__ = ["last_routing"]
 
@@ -281,10 +340,16 @@ class TokenMoEMlp(nn.Module):
         )
 
 
-def routing_stats(routing: TokenRouting, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(choices each expert processed [E], fraction of choices dropped) for one block's routing."""
+def routing_stats(
+    routing: TokenRouting, num_experts: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(choices each expert processed [E], fraction of choices dropped) for one block's routing; ``mask``
+    (True = routed, any shape with G * N elements) leaves the unrouted tokens (text padding) out of the count."""
     E, P = num_experts, routing.capacity
-    slot = routing.slot.reshape(-1)
+    slot = routing.slot
+    if mask is not None:
+        slot = slot[mask.reshape(slot.shape[:-1])]
+    slot = slot.reshape(-1)
     kept = slot < E * P
     load = torch.bincount(torch.div(slot[kept], P, rounding_mode="floor"), minlength=E)
     return load, 1.0 - kept.float().mean()
