@@ -34,7 +34,11 @@ def main() -> None:
     args = ap.parse_args()
     rounds = num_rounds(args)
     size = "nano_patch4_32" if args.quick else "tiny_patch16_224"
-    dense_name, token_name, image_name = f"mobile_vit_{size}", f"mobile_vmoe_token_{size}", f"mobile_vmoe_{size}"
+    dense_name, token_name, image_name = (
+        f"mobile_vit_{size}",
+        f"mobile_vmoe_token_{size}",
+        f"mobile_vmoe_{size}",
+    )
 
     dense = build(dense_name)
     token = {  # key -> (experts, inference capacity ratio)
@@ -75,7 +79,9 @@ def main() -> None:
         rows += [
             Ratio("a", "token MoE(E=10, c=1.0) / dense", rt, "token_e10", "dense", Goal(1.10)),
             Ratio("b", "token E=16 / E=4 (c=1.0)", rt, "token_e16", "token_e4", Goal(1.05)),
-            Ratio("c", "token c=0.5 / c=1.0 (E=10)", rt, "token_e10_c05", "token_e10", Goal(1.0, strict=True)),
+            Ratio(
+                "c", "token c=0.5 / c=1.0 (E=10)", rt, "token_e10_c05", "token_e10", Goal(1.0, strict=True)
+            ),
         ]
     rows += [
         Ratio("d", "token MoE int8 / dense int8", "pte", "token_e10_int8", "dense_int8", Goal(1.05)),
