@@ -227,8 +227,10 @@ def test_int8_pte_agrees(runs, tmp_path, scheme):
         n_int8 = side["delegation"]["delegated_ops"].get(
             "quantized_decomposed_dequantize_per_channel_default", 0
         )
-        assert n_int8 == len(set(candidates) - experts) - len(set(q["fp32_layers"]) - experts)
-        assert side["delegation"]["int8_expert_mlps"] == len(experts - set(q["fp32_layers"]))
+        int8_experts = len(experts - set(q["fp32_layers"]))  # each: 2 linears per expert, in cond branches
+        assert side["delegation"]["int8_expert_mlps"] == int8_experts
+        linears = len(set(candidates) - experts) - len(set(q["fp32_layers"]) - experts)
+        assert n_int8 == linears + 2 * sc.routing["E"] * int8_experts
         choice = q["layer_choice"]  # chosen on held-out images that verification does not use
         assert choice["images"] > 0 and choice["fp32_layers"] == q["fp32_layers"]
         assert choice["simulated_agreement"] >= choice["target_agreement"] or not n_int8
