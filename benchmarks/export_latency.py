@@ -8,9 +8,7 @@ and, for information, (d) what export's XNNPACK rewrite (export/rewrite.py) gain
 (SDPA, LayerNorm) against the rewritten model that every .pte export uses; (e) what the expert switch
 (export/switch.py: experts as cond branches with constant weights) gains over the gather form, on both runtimes.
 Weights are random (latency does not depend on them; int8-static's observers are calibrated on random inputs).
-Models of one runtime run in interleaved rounds (every model once per round, in shuffled order) so that load
-on this shared machine hits all of them alike; ratios are of the medians over all rounds. Each runtime is timed
-in a fresh process of its own, after everything has been exported.
+Models of one runtime run in interleaved rounds, each runtime in a process of its own (``_common.py``).
 
     python benchmarks/export_latency.py            # ViT-Tiny 224 px: lowering takes ~1 min per model
     python benchmarks/export_latency.py --quick    # nano models at 32 px, for a smoke run
@@ -19,73 +17,25 @@ in a fresh process of its own, after everything has been exported.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import random
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import timm
 import torch
-from mobile_vmoe.export.onnx_export import OnnxRunner, export_onnx
-from mobile_vmoe.export.pte import INT8_SCHEMES, PteRunner, lower_pte
+from _common import Goal, Ratio, build, num_rounds, print_medians, print_ratios, time_runtimes, timing_args
+from mobile_vmoe.export.onnx_export import export_onnx
+from mobile_vmoe.export.pte import INT8_SCHEMES, lower_pte
 
-import mobile_vmoe.models  # noqa: F401  (registers the model names)
-from mobile_vmoe.bench import latency_stats
-
-GOALS = {"a": 1.05, "b": 1.05, "c": 0.70, "d": None, "e": None}  # (d), (e): information, no goal
-
-
-def build(name: str, **kwargs: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, **kwargs).eval()
-
-
-def time_runtime(
-    runtime: str,
-    paths: dict[str, str],
-    x: torch.Tensor,
-    rounds: int,
-    iters: int,
-    warmup: int,
-    threads: int | None,
-) -> dict[str, list[float]]:
-    """Per-run latencies (ms) of the models of one runtime, in interleaved rounds; runs in a child process."""
-    if runtime == "pte" and threads:
-        # Before any program is loaded: resetting the pool under loaded XNNPACK programs hangs the next run.
-        from executorch.extension.pybindings import portable_lib
-
-        portable_lib._unsafe_reset_threadpool(threads)
-    runners = {
-        k: PteRunner(p) if runtime == "pte" else OnnxRunner(p, threads=threads) for k, p in paths.items()
-    }
-    for k in runners:
-        for _ in range(warmup):
-            runners[k](x)
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    rng = random.Random(0)
-    for _ in range(rounds):
-        # A new order every round, so that no model always follows the same one.
-        for k in rng.sample(list(runners), len(runners)):
-            for _ in range(iters):
-                t0 = time.perf_counter_ns()
-                runners[k](x)
-                samples[k].append((time.perf_counter_ns() - t0) / 1e6)
-    return samples
+GOAL = Goal(1.05)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="nano models at 32 px instead of ViT-Tiny at 224 px")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 60, quick 10)")
-    ap.add_argument("--iters", type=int, default=10, help="timed runs per model per round")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed runs per model before the first round")
-    ap.add_argument("--threads", type=int, default=None, help="ExecuTorch / ONNX Runtime threads")
-    args = ap.parse_args()
     # Timing is ~1 min of the ~4 min run (lowering is the rest), and this host's per-round ratios spread by
     # several percent: 60 rounds keep the median ratio within about 1 %.
-    rounds = args.rounds or (10 if args.quick else 60)
+    timing_args(ap, rounds=60, quick_rounds=10)
+    args = ap.parse_args()
+    rounds = num_rounds(args)
     size = "nano_patch4_32" if args.quick else "tiny_patch16_224"
     dense_name, moe_name = f"mobile_vit_{size}", f"mobile_vmoe_{size}"
 
@@ -124,49 +74,25 @@ def main() -> None:
             print(f"lowered pte {key} in {time.perf_counter() - t0:.0f} s", flush=True)
         path = paths["onnx/moe_e10_gather"] = Path(tmp) / "moe_e10_gather.onnx"
         export_onnx(models["moe_e10"], x, path, expert_switch=False)
-        # Each runtime is timed in a fresh process of its own, as an app would run it: in one process, ONNX
-        # Runtime's sessions slowed the ExecuTorch MoE more than the dense model (MoE/dense +0.01 with the
-        # sessions merely loaded, up to +0.04 when they ran in between).
-        samples: dict[str, list[float]] = {}
-        ctx = multiprocessing.get_context("spawn")
-        for rt in ("pte", "onnx"):
-            group = {k: str(v) for k, v in paths.items() if k.startswith(rt + "/")}
-            with ctx.Pool(1) as pool:
-                samples.update(
-                    pool.apply(time_runtime, (rt, group, x, rounds, args.iters, args.warmup, args.threads))
-                )
-    keys = list(paths)
+        samples = time_runtimes(paths, x, rounds, args)
 
-    med = {k: latency_stats(v)["p50"] for k, v in samples.items()}
-    print(f"\n{dense_name} vs {moe_name}, batch 1, {rounds} rounds x {args.iters} runs, median ms:")
-    for k in keys:
-        print(f"  {k:26s} {med[k]:8.2f}")
-    rows = [
-        ("a", "MoE(E=10) / dense  ", "pte", "moe_e10", "dense"),
-        ("b", "E=16 / E=4         ", "pte", "moe_e16", "moe_e4"),
-        ("c", "int8 / fp32 (MoE)  ", "pte", "moe_e10_int8", "moe_e10"),
-        ("c", "int8-static / fp32 ", "pte", "moe_e10_int8-static", "moe_e10"),
-        ("d", "rewrite / as is    ", "pte", "moe_e10", "moe_e10_norewrite"),
-        ("e", "switch / gather    ", "pte", "moe_e10", "moe_e10_gather"),
-        ("a", "MoE(E=10) / dense  ", "onnx", "moe_e10", "dense"),
-        ("b", "E=16 / E=4         ", "onnx", "moe_e16", "moe_e4"),
-        ("e", "switch / gather    ", "onnx", "moe_e10", "moe_e10_gather"),
-    ]
-    # The spread of the ratio over rounds (per-round medians, middle half) shows how much of a value is
-    # this machine's noise: on a shared 2-core host a single round's ratio moves by several percent.
-    print("\nratio                        runtime        value  goal   met   rounds p25-p75")
-    for tag, label, rt, num, den in rows:
-        a, b = samples[f"{rt}/{num}"], samples[f"{rt}/{den}"]
-        v = med[f"{rt}/{num}"] / med[f"{rt}/{den}"]
-        per_round = [
-            float(np.median(a[i : i + args.iters]) / np.median(b[i : i + args.iters]))
-            for i in range(0, len(a), args.iters)
-        ]
-        lo, hi = np.percentile(per_round, [25, 75])
-        name = "executorch" if rt == "pte" else "onnxruntime"
-        goal = GOALS[tag]
-        verdict = "  -       -  " if goal is None else f"<={goal:.2f}  {'yes' if v <= goal else 'NO '}"
-        print(f"({tag}) {label}      {name:12s} {v:6.3f}  {verdict}  {lo:.3f}-{hi:.3f}")
+    print_medians(f"{dense_name} vs {moe_name}, batch 1, {rounds} rounds x {args.iters} runs", samples)
+    int8 = Goal(0.70)
+    print_ratios(
+        [
+            Ratio("a", "MoE(E=10) / dense", "pte", "moe_e10", "dense", GOAL),
+            Ratio("b", "E=16 / E=4", "pte", "moe_e16", "moe_e4", GOAL),
+            Ratio("c", "int8 / fp32 (MoE)", "pte", "moe_e10_int8", "moe_e10", int8),
+            Ratio("c", "int8-static / fp32", "pte", "moe_e10_int8-static", "moe_e10", int8),
+            Ratio("d", "rewrite / as is", "pte", "moe_e10", "moe_e10_norewrite"),
+            Ratio("e", "switch / gather", "pte", "moe_e10", "moe_e10_gather"),
+            Ratio("a", "MoE(E=10) / dense", "onnx", "moe_e10", "dense", GOAL),
+            Ratio("b", "E=16 / E=4", "onnx", "moe_e16", "moe_e4", GOAL),
+            Ratio("e", "switch / gather", "onnx", "moe_e10", "moe_e10_gather"),
+        ],
+        samples,
+        args.iters,
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import contextlib
 import copy
 import importlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +54,9 @@ class OneExpert(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _lower_alone(expert: OneExpert, shape: Sequence[int]) -> nn.Module:
-    """One expert through ExecuTorch's whole pipeline -> its LoweredBackendModule.
+def _lower_alone(expert: OneExpert, shape: Sequence[int], int8: bool = False) -> nn.Module:
+    """One expert through ExecuTorch's whole pipeline -> its LoweredBackendModule; ``int8``: its two linears
+    dynamic int8 first (PT2E, the ``--quantize int8`` scheme of ``pte.py``).
 
     Raises if any op stays outside the delegate: the branch calls only the lowered module.
     """
@@ -65,7 +66,10 @@ def _lower_alone(expert: OneExpert, shape: Sequence[int]) -> nn.Module:
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
     with torch.no_grad():
-        ep = torch.export.export(expert.eval(), (torch.zeros(*shape),))
+        example = torch.zeros(*shape)
+        ep = torch.export.export(expert.eval(), (example,))
+        if int8:
+            ep = torch.export.export(_dynamic_int8(ep.module(), example), (example,))
         gm = (
             to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
             .exported_program()
@@ -84,6 +88,22 @@ def _lower_alone(expert: OneExpert, shape: Sequence[int]) -> nn.Module:
     return mods[0]
 
 
+def _dynamic_int8(gm: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """Every linear of ``gm`` as PT2E dynamic int8: symmetric per-channel int8 weights, int8 activations."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer()
+    cfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+    quantizer.set_operator_type(torch.ops.aten.linear.default, cfg)
+    prepared = prepare_pt2e(gm, quantizer)
+    prepared(example)
+    return convert_pt2e(prepared)
+
+
 def _with_weights(template: Any, expert: OneExpert) -> nn.Module:
     """``template`` (a lowered expert) with ``expert``'s weights: its edge program, new state, XNNPACK again."""
     from executorch.exir.backend.backend_api import to_backend
@@ -100,11 +120,14 @@ def _with_weights(template: Any, expert: OneExpert) -> nn.Module:
 class ExpertLowering:
     """Lowers the experts of ``ExpertMlp`` modules; one instance per exported program (it keeps templates).
 
-    ``reuse=False`` lowers every expert through the whole pipeline (the benchmark's "before").
+    ``reuse=False`` lowers every expert through the whole pipeline (the benchmark's "before"). The experts of
+    the ``ExpertMlp`` modules in ``int8`` get dynamic int8 linears; they always take the whole pipeline (a
+    template's quantised weights are derived constants, not parameters to swap).
     """
 
-    def __init__(self, reuse: bool = True) -> None:
+    def __init__(self, reuse: bool = True, int8: Collection[ExpertMlp] = ()) -> None:
         self.reuse = reuse
+        self.int8 = list(int8)
         self._templates: dict[tuple, nn.Module] = {}
 
     def __call__(
@@ -112,11 +135,14 @@ class ExpertLowering:
     ) -> list[nn.Module]:
         """Each expert of ``mlp`` lowered for inputs of ``shape`` ([1, T, D]); ``done()`` after each one."""
         key = (tuple(shape), tuple(mlp.fc1_weight.shape[1:]), mlp.fc1_weight.dtype, repr(mlp.act))
+        int8 = any(mlp is m for m in self.int8)
         lowered: list[nn.Module] = []
         for e in range(mlp.num_experts):
             expert = OneExpert(mlp, e).eval()
             template = self._templates.get(key) if self.reuse else None
-            if template is None:
+            if int8:
+                lowered.append(_lower_alone(expert, shape, int8=True))
+            elif template is None:
                 template = self._templates[key] = _lower_alone(expert, shape)
                 lowered.append(template)
             else:

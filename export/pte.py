@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import operator
 import os
 import re
 from collections.abc import Callable, Collection, Iterable
@@ -23,14 +24,14 @@ from .delegates import ExpertLowering, cached_delegate_tracing
 from .quantize import int8_candidates
 from .quiet import Progress, captured_output, quiet_libraries
 from .rewrite import for_xnnpack
-from .switch import count_expert_ops, has_experts, opaque_experts, splice_switches
+from .switch import count_expert_ops, has_experts, opaque_expert_mlps, opaque_experts, splice_switches
 
 __all__ = ["INT8_SCHEMES", "PteRunner", "clean_op_name", "lower_pte"]
 
 INT8_SCHEMES = {
     "int8": "PT2E dynamic int8 (XNNPACKQuantizer) of every transformer linear (attention qkv and proj, MLP fc1 and "
-    "fc2): symmetric per-channel int8 weights, activations quantised per inference; the classifier head, router, "
-    "patch embedding, attention matmuls and expert MLPs stay fp32",
+    "fc2, expert MLPs): symmetric per-channel int8 weights, activations quantised per inference; the classifier "
+    "head, router, patch embedding and attention matmuls stay fp32",
     "int8-static": "PT2E static int8 (XNNPACKQuantizer): linear + conv, symmetric per-channel weights, per-tensor "
     "activations calibrated on real images; attention matmuls, residual adds, expert MLPs stay fp32",
 }
@@ -63,8 +64,11 @@ def lower_pte(
     500-image samples): dynamic on every transformer linear 98.2-99.2 / 98.8-99.6 %, with the head too
     97.8 / 99.4 %, dynamic MLPs only 99.2-99.4 / 99.4-99.8 %, static on every linear + conv 92.2 %. The bar is
     99 %, hence the fp32 fallback. ``"int8-static"``: the classic PT2E static recipe,
-    observers calibrated on ``calibration`` ([1, 3, H, W] each). Neither touches the expert MLPs: with the switch
-    they are spliced in after quantization, and the gather form's bmm has no int8 pattern in the XNNPACK quantizer.
+    observers calibrated on ``calibration`` ([1, 3, H, W] each). Expert MLPs: with the switch they are spliced in
+    after quantization, as dynamic int8 delegates under ``"int8"`` (each expert quantised on its own, unless its
+    MoE MLP is in ``keep_fp32``) and fp32 under ``"int8-static"`` (no calibration reaches them); the gather form's
+    bmm has no int8 pattern in the XNNPACK quantizer and stays fp32. A per-token V-MoE's experts are linears
+    (``token.py``) and are quantised as any other.
     """
     if quantize is not None and quantize not in INT8_SCHEMES:
         raise ValueError(f"unknown quantization {quantize!r}: expected one of {sorted(INT8_SCHEMES)}")
@@ -75,6 +79,7 @@ def lower_pte(
     switch = moe and gather_why is None
     steps = 3 + (quantize is not None) + (switch or quantize is not None)
     fast = cached_delegate_tracing() if fast_lowering else contextlib.nullcontext()
+    int8: list[nn.Module] = []  # the switch's ExpertMlp modules whose experts are lowered int8
     with Progress("lowering to .pte", total=steps) as progress, quiet_libraries(), fast, torch.no_grad():
         with opaque_experts(model) if switch else contextlib.nullcontext(model) as traced:
             progress.stage("torch.export")
@@ -88,7 +93,11 @@ def lower_pte(
             if switch:
                 progress.add_total(count_expert_ops(gm) * _num_experts(model))
                 progress.stage("lowering the experts")
-                splice_switches(gm, example, ExpertLowering(reuse=fast_lowering), progress.advance)
+                # dynamic int8 experts but those the accuracy check keeps fp32 (by their ExpertMlp's name)
+                if quantize == "int8":
+                    int8 = [m for n, m in opaque_expert_mlps(traced).items() if n not in keep_fp32]
+                lowering = ExpertLowering(reuse=fast_lowering, int8=int8)
+                splice_switches(gm, example, lowering, progress.advance)
             if switch or quantize is not None:
                 progress.stage("torch.export (strict)" if switch else "torch.export")
                 # strict: a program that calls lowered modules only traces with dynamo (see switch.py)
@@ -97,6 +106,7 @@ def lower_pte(
         buf, report = _to_executorch(ep, progress)
     report["rewrites"] = rewrites
     report["expert_dispatch"] = "switch" if switch else "gather" if moe else None
+    report["int8_expert_mlps"] = len(int8)
     if gather_why:
         report["expert_dispatch_reason"] = gather_why
     return buf, report
@@ -158,7 +168,7 @@ def _quantized(
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer()
+    quantizer = _integer_safe(XNNPACKQuantizer)()
     if quantize == "int8":
         cfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
         quantizer.set_operator_type(torch.ops.aten.linear.default, cfg)
@@ -183,6 +193,35 @@ def _quantized(
     if n == 0:
         raise ValueError("int8-static quantization needs at least one calibration image")
     return convert_pt2e(prepared)
+
+
+def _integer_safe(cls: type) -> type:
+    """``XNNPACKQuantizer`` whose scalar-to-tensor step leaves integer add / mul alone.
+
+    Before annotating, executorch's quantizer turns the scalar operand of every ``add`` / ``mul`` into a float
+    tensor, so integer index arithmetic (a per-token MoE's buffer slots: ``expert * P + position``) becomes
+    float, and the scatter that reads it fails ("Expected dtype int32/int64 for index"). Only float maths can
+    be quantised anyway.
+    """
+
+    class IntegerSafe(cls):
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            hidden = {}
+            for n in model.graph.nodes:
+                val = n.meta.get("val")
+                if n.target in _SCALAR_OPS and isinstance(val, torch.Tensor) and not val.is_floating_point():
+                    hidden[n], n.target = n.target, _SCALAR_OPS[n.target]  # a target the step skips
+            try:
+                return super().transform_for_annotation(model)
+            finally:
+                for n, target in hidden.items():
+                    n.target = target
+                model.recompile()
+
+    return IntegerSafe
+
+
+_SCALAR_OPS = {torch.ops.aten.add.Tensor: operator.add, torch.ops.aten.mul.Tensor: operator.mul}
 
 
 def _delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:

@@ -15,12 +15,15 @@ channel (max |w| / 127) and int8 activations with an asymmetric scale per token,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator
+import functools
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mobile_vmoe.models.moe import ExpertMlp
 
 __all__ = ["FP32_MODULES", "eager_logits", "int8_candidates", "simulated_int8", "select_fp32_layers"]
 
@@ -44,13 +47,18 @@ def int8_candidates(model: nn.Module) -> list[str]:
     return [
         name
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not set(name.split(".")) & set(FP32_MODULES)  # a per-token router too
-    ]
+        if isinstance(m, (nn.Linear, ExpertMlp)) and not set(name.split(".")) & set(FP32_MODULES)
+    ]  # not set(...): a per-token MoE's router is "router" inside the block's mlp
 
 
 def _fake_int8_weight(w: torch.Tensor) -> torch.Tensor:
-    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # [out, 1]
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # [..., out, 1]
     return (w / scale).round().clamp(-127, 127) * scale
+
+
+class _FakeInt8Tokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fake_int8_tokens(x)
 
 
 def _fake_int8_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -63,25 +71,36 @@ def _fake_int8_tokens(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def simulated_int8(model: nn.Module, layers: Collection[str]) -> Iterator[None]:
-    """Inside the block, the named linears of ``model`` compute with int8 weights and per-token int8 inputs."""
+    """Inside the block, the named linears of ``model`` compute with int8 weights and per-token int8 inputs.
+
+    A named ``ExpertMlp`` (per-image MoE) stands for its experts' two linears: int8 weights per expert and
+    output channel, int8 tokens into fc1 and, after the activation, into fc2 (exact for K=1; with K > 1 the
+    gather form scales the hidden units by the gates after that point).
+    """
     modules = dict(model.named_modules())
-    saved: list[tuple[nn.Linear, torch.Tensor, Any]] = []
+    undo: list[Callable[[], None]] = []
     try:
         for name in layers:
-            lin = modules[name]
-            saved.append(
-                (
-                    lin,
-                    lin.weight.data,
-                    lin.register_forward_pre_hook(lambda _m, a: (_fake_int8_tokens(a[0]),)),
+            m = modules[name]
+            hook = m.register_forward_pre_hook(lambda _m, a: (_fake_int8_tokens(a[0]), *a[1:]))
+            undo.append(hook.remove)
+            params = (m.fc1_weight, m.fc2_weight) if isinstance(m, ExpertMlp) else (m.weight,)
+            for p in params:
+                undo.append(functools.partial(setattr, p, "data", p.data))
+                # stacked expert weights are [E, in, out]: one scale per expert and output channel
+                w = p.data.transpose(-1, -2) if isinstance(m, ExpertMlp) else p.data
+                p.data = (
+                    _fake_int8_weight(w).transpose(-1, -2)
+                    if isinstance(m, ExpertMlp)
+                    else _fake_int8_weight(w)
                 )
-            )
-            lin.weight.data = _fake_int8_weight(lin.weight.data)
+            if isinstance(m, ExpertMlp):
+                undo.append(functools.partial(setattr, m, "act", m.act))
+                m.act = nn.Sequential(m.act, _FakeInt8Tokens())
         yield
     finally:
-        for lin, w, hook in saved:
-            lin.weight.data = w
-            hook.remove()
+        for f in reversed(undo):
+            f()
 
 
 def eager_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ __all__ = [
     "has_experts",
     "switch_experts",
     "opaque_experts",
+    "opaque_expert_mlps",
     "splice_switches",
     "count_expert_ops",
 ]
@@ -142,6 +143,12 @@ class _SwitchCall(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         return self.switch(x, Routing(gates, expert_idx, gates))
+
+
+def opaque_expert_mlps(model: nn.Module) -> dict[str, ExpertMlp]:
+    """The ExpertMlp behind each opaque op of a model made by ``opaque_experts``, by module name (the name the
+    ExpertMlp has in the original model)."""
+    return {name: m.mlp for name, m in model.named_modules() if isinstance(m, _OpaqueExperts)}
 
 
 def has_experts(model: nn.Module) -> bool:

@@ -1,9 +1,15 @@
 """Export form of a per-token V-MoE (``mobile_vmoe_token_*``).
 
-Routing, buffer placement and the scatter / gather of tokens keep their eager form (static shapes, portable
-kernels). The experts change form: in eager they are one batched matmul over stacked ``[E, D, H]`` weights; a
-runtime would re-pack such weights on every call, so each expert becomes two ``nn.Linear`` with constant weights,
-which XNNPACK packs once at load, like a dense model's MLP.
+Routing keeps its eager form (static shapes, portable kernels); the dispatch and the experts change form, same
+maths:
+
+* Dispatch by rows. Eager scatters every token into [E, G * P, D] buffers and gathers the outputs back, both
+  over [G, N * K, D] index tensors expanded along D (an int64 index per float moved). Here one small scatter of
+  token numbers says which token fills each buffer row ([E * G * P] int64), and the buffers and the outputs are
+  each one ``index_select`` of whole rows.
+* Experts as linears. In eager they are one batched matmul over stacked ``[E, D, H]`` weights; a runtime would
+  re-pack such weights on every call, so each expert becomes two ``nn.Linear`` with constant weights, which
+  XNNPACK packs once at load, like a dense model's MLP, and each runs on its own P rows only.
 """
 
 import copy
@@ -12,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobile_vmoe.models.token_moe import TokenExpertMlp, TokenRouting, from_buffers, to_buffers
+from mobile_vmoe.models.token_moe import TokenExpertMlp, TokenRouting
 
-__all__ = ["LinearTokenExperts", "for_export", "is_token_moe", "token_routing_info"]
+__all__ = ["LinearTokenExperts", "buffer_rows", "for_export", "is_token_moe", "token_routing_info"]
 
 
 class LinearTokenExperts(nn.Module):
@@ -35,9 +41,37 @@ class LinearTokenExperts(nn.Module):
         self.act = copy.deepcopy(mlp.act)
 
     def forward(self, x: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
-        buf = to_buffers(x, routing, self.num_experts)  # [E, G * P, D]
-        y = torch.stack([fc2(self.act(fc1(buf[e]))) for e, (fc1, fc2) in enumerate(zip(self.fc1, self.fc2))])
-        return from_buffers(y, routing)
+        """x: [G, N, D] -> [G, N, D], as ``TokenExpertMlp.forward``."""
+        G, N, D = x.shape
+        E, P, K = self.num_experts, routing.capacity, routing.slot.shape[-1]
+        rows = buffer_rows(routing.slot, E, P)  # [G * N * K] in [0, E * G * P]
+        # Token of each buffer row; G * N (a zero row) for an empty slot. Row E * G * P takes the dropped
+        # choices and is never read.
+        token = torch.arange(G * N, device=x.device).repeat_interleave(K)
+        src = torch.full((E * G * P + 1,), G * N, device=x.device).scatter(0, rows, token)
+        tokens = torch.cat([x.reshape(G * N, D), x.new_zeros(1, D)])
+        buf = tokens.index_select(0, src[: E * G * P])  # [E * G * P, D], expert e's rows contiguous
+        M = G * P
+        ys = [
+            fc2(self.act(fc1(buf[e * M : (e + 1) * M])))
+            for e, (fc1, fc2) in enumerate(zip(self.fc1, self.fc2))
+        ]
+        y = torch.cat([*ys, x.new_zeros(1, D)])  # a dropped choice reads the zero row
+        out = y.index_select(0, rows).reshape(G, N, K, D)
+        return (out * routing.gates.unsqueeze(-1)).sum(dim=2)
+
+
+def buffer_rows(slot: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Routing slots [G, N, K] (e * P + p, or E * P: dropped) -> rows of [E, G, P] buffers, flat [G * N * K].
+
+    Expert e's rows of all groups are contiguous (e * G * P + g * P + p), so that each expert runs one linear
+    on one slice; a dropped choice gets row E * G * P.
+    """
+    G = slot.shape[0]
+    E, P = num_experts, capacity
+    g = torch.arange(G, device=slot.device).reshape(G, 1, 1)
+    rows = torch.div(slot, P, rounding_mode="floor") * (G * P) + g * P + slot % P
+    return torch.where(slot < E * P, rows, torch.full_like(rows, E * G * P)).reshape(-1)
 
 
 def is_token_moe(model: nn.Module) -> bool:

@@ -210,20 +210,27 @@ def test_int8_pte_agrees(runs, tmp_path, scheme):
     assert p["min_top1_agreement"] == 0.99 and p["top1_agreement"] >= 0.99  # enforced: trained weights
     dq = [k for k in side["delegation"]["delegated_ops"] if "quantize" in k]
     assert dq, side["delegation"]  # int8 (de)quantize nodes went to XNNPACK
-    # the experts (fp32) are spliced in after quantization: cond branches, no gather
+    # the experts are spliced in after quantization: cond branches, no gather; int8 under the dynamic scheme
     assert sc.expert_dispatch == "switch"
     assert "aten_index_select_default" not in side["delegation"]["portable_ops"]
+    if scheme == "int8-static":  # no calibration reaches the experts
+        assert side["delegation"]["int8_expert_mlps"] == 0
     if scheme == "int8":
-        # Every transformer linear is a candidate (qkv, proj, fc1, fc2 of a dense block; qkv, proj of a MoE
-        # block; never the head or the router), and all but the ones the accuracy check kept fp32 are int8.
+        # Every transformer linear is a candidate (qkv, proj, fc1, fc2 of a dense block; qkv, proj and the
+        # expert MLP of a MoE block; never the head or the router), and all but the ones the accuracy check
+        # kept fp32 are int8.
         net = load_model(runs["moe"])[0]
         candidates = int8_candidates(net)
-        assert len(candidates) == 4 * len(net.blocks) + 2 * len(net.moe_blocks)
+        experts = {f"moe_blocks.{i}.mlp" for i in range(len(net.moe_blocks))}
+        assert len(candidates) == 4 * len(net.blocks) + 3 * len(net.moe_blocks) and experts <= set(candidates)
         assert set(q["fp32_layers"]) <= set(candidates)
         n_int8 = side["delegation"]["delegated_ops"].get(
             "quantized_decomposed_dequantize_per_channel_default", 0
         )
-        assert n_int8 == len(candidates) - len(q["fp32_layers"])
+        int8_experts = len(experts - set(q["fp32_layers"]))  # each: 2 linears per expert, in cond branches
+        assert side["delegation"]["int8_expert_mlps"] == int8_experts
+        linears = len(set(candidates) - experts) - len(set(q["fp32_layers"]) - experts)
+        assert n_int8 == linears + 2 * sc.routing["E"] * int8_experts
         choice = q["layer_choice"]  # chosen on held-out images that verification does not use
         assert choice["images"] > 0 and choice["fp32_layers"] == q["fp32_layers"]
         assert choice["simulated_agreement"] >= choice["target_agreement"] or not n_int8
@@ -414,3 +421,9 @@ def test_int8_layer_choice_meets_its_target():
         w = model.blocks[0].attn.qkv.weight
         steps = w / (w.abs().amax(1, keepdim=True) / 127)  # int8 weights: integer multiples of their scale
         assert torch.allclose(steps, steps.round(), atol=1e-3)
+        mlp = model.moe_blocks[0].mlp  # a per-image MoE's experts: one scale per expert and output channel
+        w = mlp.fc1_weight  # [E, D, H]
+        steps = w / (w.abs().amax(1, keepdim=True) / 127)
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and isinstance(mlp.act, torch.nn.Sequential)
+    assert not isinstance(model.moe_blocks[0].mlp.act, torch.nn.Sequential)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

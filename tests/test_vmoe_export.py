@@ -4,8 +4,9 @@ import pytest
 import timm
 import torch
 from mobile_vmoe.export import export_model
+from mobile_vmoe.export.pte import PteRunner, lower_pte
 from mobile_vmoe.export.quantize import int8_candidates
-from mobile_vmoe.export.token import for_export
+from mobile_vmoe.export.token import buffer_rows, for_export
 
 import mobile_vmoe.models  # noqa: F401  (registers the models)
 from mobile_vmoe.checkpoint import ModelMeta, save_model
@@ -37,6 +38,27 @@ def test_export_form_is_the_same_maths():
             torch.testing.assert_close(for_export(m)(x), m(x), atol=1e-5, rtol=1e-5)
     names = int8_candidates(for_export(m))
     assert names and not any("router" in n for n in names)  # the router stays fp32 under int8
+
+
+def test_buffer_rows_put_each_expert_rows_together():
+    # G=2 groups, E=2 experts, P=2 slots: slot e * P + p of group g -> row e * G * P + g * P + p; 4: dropped
+    slot = torch.tensor([[[0], [2], [4]], [[1], [3], [0]]])
+    assert buffer_rows(slot, num_experts=2, capacity=2).tolist() == [0, 4, 8, 3, 7, 2]
+
+
+def test_int8_pte_quantises_the_experts(tmp_path):
+    """Dynamic int8 of a per-token MoE: its integer slot maths survives PT2E, and every expert linear is int8."""
+    torch.manual_seed(0)
+    m = for_export(timm.create_model(TOKEN, **KW).eval(), capacity_ratio=1.0)
+    x = torch.randn(1, 3, 32, 32)
+    buf, rep = lower_pte(m, x, "int8")
+    n_int8 = rep["delegated_ops"]["quantized_decomposed_dequantize_per_channel_default"]
+    assert n_int8 == len(int8_candidates(m)) == 4 * 1 + 2 * (2 + 2 * 4)  # 1 dense block, 2 MoE blocks, E=4
+    (tmp_path / "m.pte").write_bytes(buf)
+    xs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(xs)
+    assert (PteRunner(tmp_path / "m.pte")(xs) - ref).abs().max() < 0.1 * ref.abs().max()
 
 
 @pytest.mark.parametrize("fmt", ["pte", "onnx"])

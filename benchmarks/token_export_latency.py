@@ -1,0 +1,94 @@
+"""Latency of exported per-token V-MoE models against dense on this host, batch 1, measured side by side in one run.
+
+Per-token MoE (``mobile_vmoe_token_*``, ViT-Tiny 224 px, K=1, last 2 blocks MoE, BPR, in their export form
+``export/token.py``) against the dense ViT-Tiny, through the ExecuTorch runtime (XNNPACK) and ONNX Runtime:
+    (a) per-token MoE (E=10, capacity ratio 1.0) / dense                                    goal <= 1.10
+    (b) E=16 / E=4, both at capacity ratio 1.0                                              goal <= 1.05
+    (c) capacity ratio 0.5 / 1.0 (E=10)                                                     goal <  1
+and through ExecuTorch only (dynamic int8, ``--quantize int8``):
+    (d) per-token MoE int8 / dense int8, and per-image MoE (``mobile_vmoe_*``, E=10) int8 / dense int8   goal <= 1.05
+Weights are random (latency does not depend on them, nor does the routing's cost: buffers have a fixed size).
+Models of one runtime run in interleaved rounds, each runtime in a process of its own (``_common.py``).
+
+    python benchmarks/token_export_latency.py            # ViT-Tiny 224 px: lowering takes ~1 min per model
+    python benchmarks/token_export_latency.py --quick    # nano models at 32 px, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import Goal, Ratio, build, num_rounds, print_medians, print_ratios, time_runtimes, timing_args
+from mobile_vmoe.export.onnx_export import export_onnx
+from mobile_vmoe.export.pte import lower_pte
+from mobile_vmoe.export.token import for_export
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    timing_args(ap, rounds=60, quick_rounds=10)
+    args = ap.parse_args()
+    rounds = num_rounds(args)
+    size = "nano_patch4_32" if args.quick else "tiny_patch16_224"
+    dense_name, token_name, image_name = (
+        f"mobile_vit_{size}",
+        f"mobile_vmoe_token_{size}",
+        f"mobile_vmoe_{size}",
+    )
+
+    dense = build(dense_name)
+    token = {  # key -> (experts, inference capacity ratio)
+        "token_e10": (10, 1.0),
+        "token_e4": (4, 1.0),
+        "token_e16": (16, 1.0),
+        "token_e10_c05": (10, 0.5),
+    }
+    models = {"dense": dense}
+    for key, (E, ratio) in token.items():
+        models[key] = for_export(build(token_name, num_experts=E), capacity_ratio=ratio, bpr=True)
+    H, W = dense.patch_embed.img_size
+    x = torch.randn(1, 3, H, W)
+
+    paths: dict[str, Path] = {}
+
+    def lower(fmt: str, key: str, model: torch.nn.Module, quantize: str | None = None) -> None:
+        t0 = time.perf_counter()
+        path = paths[f"{fmt}/{key}"] = Path(tmp) / f"{key}.{fmt}"
+        if fmt == "pte":
+            path.write_bytes(lower_pte(model, x, quantize)[0])
+        else:
+            export_onnx(model, x, path)
+        print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="token-export-latency-") as tmp:
+        for key, m in models.items():
+            for fmt in ("pte", "onnx"):
+                lower(fmt, key, m)
+        lower("pte", "dense_int8", dense, "int8")
+        lower("pte", "token_e10_int8", models["token_e10"], "int8")
+        lower("pte", "image_e10_int8", build(image_name), "int8")  # the paper's E=10, K=1, L=2
+        samples = time_runtimes(paths, x, rounds, args)
+
+    print_medians(f"{dense_name} vs {token_name}, batch 1, {rounds} rounds x {args.iters} runs", samples)
+    rows = []
+    for rt in ("pte", "onnx"):
+        rows += [
+            Ratio("a", "token MoE(E=10, c=1.0) / dense", rt, "token_e10", "dense", Goal(1.10)),
+            Ratio("b", "token E=16 / E=4 (c=1.0)", rt, "token_e16", "token_e4", Goal(1.05)),
+            Ratio(
+                "c", "token c=0.5 / c=1.0 (E=10)", rt, "token_e10_c05", "token_e10", Goal(1.0, strict=True)
+            ),
+        ]
+    rows += [
+        Ratio("d", "token MoE int8 / dense int8", "pte", "token_e10_int8", "dense_int8", Goal(1.05)),
+        Ratio("d", "image MoE int8 / dense int8", "pte", "image_e10_int8", "dense_int8", Goal(1.05)),
+    ]
+    print_ratios(rows, samples, args.iters)
+
+
+if __name__ == "__main__":
+    main()
