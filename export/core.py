@@ -235,9 +235,9 @@ def _load_source(
         return m, meta, False
     meta = ModelMeta(model=str(model), model_kwargs=dict(model_kwargs or {}), class_names=[],
                      preprocess=Preprocess(size=1, resize=1))  # fmt: skip
-    import timm
+    from mobile_vmoe.models.names import project_models
 
-    if model not in timm.list_models("mobile_v*"):
+    if model not in project_models():
         raise UserError(f"--model {model!r}: not a registered mobile-vmoe model (see `mobile-vmoe models`)")
     torch.manual_seed(seed)
     m = create_model(meta, "--model-kwargs").eval()

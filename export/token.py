@@ -44,11 +44,11 @@ class LinearTokenExperts(nn.Module):
         """x: [G, N, D] -> [G, N, D], as ``TokenExpertMlp.forward``."""
         G, N, D = x.shape
         E, P, K = self.num_experts, routing.capacity, routing.slot.shape[-1]
-        rows = buffer_rows(routing.slot, E, P)  # [G * N * K] in [0, E * G * P]
+        rows = buffer_rows(routing.slot, routing.expert_idx, E, P)  # [G * N * K] in [0, E * G * P]
         # Token of each buffer row; G * N (a zero row) for an empty slot. Row E * G * P takes the dropped
         # choices and is never read.
         token = torch.arange(G * N, device=x.device).repeat_interleave(K)
-        src = torch.full((E * G * P + 1,), G * N, device=x.device).scatter(0, rows, token)
+        src = torch.full((E * G * P + 1,), G * N, dtype=token.dtype, device=x.device).scatter(0, rows, token)
         tokens = torch.cat([x.reshape(G * N, D), x.new_zeros(1, D)])
         buf = tokens.index_select(0, src[: E * G * P])  # [E * G * P, D], expert e's rows contiguous
         M = G * P
@@ -61,16 +61,17 @@ class LinearTokenExperts(nn.Module):
         return (out * routing.gates.unsqueeze(-1)).sum(dim=2)
 
 
-def buffer_rows(slot: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+def buffer_rows(slot: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Routing slots [G, N, K] (e * P + p, or E * P: dropped) -> rows of [E, G, P] buffers, flat [G * N * K].
 
     Expert e's rows of all groups are contiguous (e * G * P + g * P + p), so that each expert runs one linear
-    on one slice; a dropped choice gets row E * G * P.
+    on one slice; a dropped choice gets row E * G * P. e comes from ``expert_idx``, not ``slot // P``: Core ML
+    divides integers in fp16.
     """
     G = slot.shape[0]
     E, P = num_experts, capacity
     g = torch.arange(G, device=slot.device).reshape(G, 1, 1)
-    rows = torch.div(slot, P, rounding_mode="floor") * (G * P) + g * P + slot % P
+    rows = slot + expert_idx * ((G - 1) * P) + g * P
     return torch.where(slot < E * P, rows, torch.full_like(rows, E * G * P)).reshape(-1)
 
 

@@ -7,6 +7,7 @@ A model file is a ``.safetensors`` file whose string metadata says how to rebuil
     class_names   JSON list of C class names (index order = logit order)
     preprocess    JSON Preprocess record (mobile_vmoe.preprocess): what every later stage does to an image
     train         JSON TrainInfo: where the weights came from (dataset, held-out list, super-classes, ...)
+    prompt_templates  JSON list of zero-shot prompt templates ("a photo of the {}."), image-text models only
 Nothing is unpickled: weights come from safetensors, metadata from JSON.
 
 Paths inside the run directory (the held-out list) are stored relative to the model file's folder, so a moved
@@ -53,6 +54,9 @@ class ModelMeta:
     class_names: list[str]
     preprocess: Preprocess
     train: TrainInfo = field(default_factory=TrainInfo)
+    prompt_templates: list[str] = field(
+        default_factory=list
+    )  # image-text: class_names fill them for zero-shot
 
     def to_strings(self, file: Path) -> dict[str, str]:
         train = asdict(self.train)
@@ -60,7 +64,7 @@ class ModelMeta:
             train["heldout_list"] = os.path.relpath(
                 Path(train["heldout_list"]).absolute(), file.parent.absolute()
             )
-        return {
+        out = {
             "format": FORMAT,
             "model": self.model,
             "model_kwargs": json.dumps(self.model_kwargs),
@@ -68,6 +72,9 @@ class ModelMeta:
             "preprocess": json.dumps(self.preprocess.to_dict()),
             "train": json.dumps(train),
         }
+        if self.prompt_templates:
+            out["prompt_templates"] = json.dumps(self.prompt_templates)
+        return out
 
 
 def save_model(path: str | os.PathLike[str], model: torch.nn.Module, meta: ModelMeta) -> Path:
@@ -111,7 +118,6 @@ def _train_info(obj: Any, p: Path) -> TrainInfo:
 
 def _legacy(extra: dict[str, Any], model: str, p: Path) -> tuple[Preprocess, TrainInfo]:
     """mobile-vmoe/1 kept preprocessing and provenance in an untyped 'extra' object."""
-    import mobile_vmoe.models  # noqa: F401  (registers the model names)
 
     cfg = timm.get_pretrained_cfg(model)
     cfg = cfg.to_dict() if cfg is not None else {}
@@ -147,6 +153,7 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
         model = md["model"]
         kwargs = json.loads(md.get("model_kwargs", "{}"))
         names = json.loads(md.get("class_names", "[]"))
+        templates = json.loads(md.get("prompt_templates", "[]"))
         if md["format"] == "mobile-vmoe/1":
             pre, train = _legacy(json.loads(md.get("extra", "{}")), model, p)
         else:
@@ -160,14 +167,17 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
         or not all(isinstance(n, str) for n in names)
     ):
         raise UserError(f"{p}: metadata 'model_kwargs' must be an object and 'class_names' a list of strings")
-    return ModelMeta(model=model, model_kwargs=kwargs, class_names=names, preprocess=pre, train=train)
+    if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise UserError(f"{p}: metadata 'prompt_templates' must be a list of strings with one '{{}}' each")
+    return ModelMeta(model=model, model_kwargs=kwargs, class_names=names, preprocess=pre, train=train,
+                     prompt_templates=templates)  # fmt: skip
 
 
 def create_model(meta: ModelMeta, where: str | os.PathLike[str], **overrides: Any) -> torch.nn.Module:
     """timm.create_model from metadata; a kwarg of the wrong type or value is a UserError naming the file."""
-    import mobile_vmoe.models  # noqa: F401  (registers the model names)
+    from mobile_vmoe.models.names import project_models  # importing the package registers the names
 
-    if meta.model not in timm.list_models("mobile_v*"):
+    if meta.model not in project_models():
         raise UserError(f"{where}: model {meta.model!r} is not a registered mobile-vmoe model")
     try:
         return timm.create_model(meta.model, **{**meta.model_kwargs, **overrides})

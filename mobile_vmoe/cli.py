@@ -41,8 +41,9 @@ def models_table(names: list[str] | None = None) -> str:
     import timm
 
     from .models import profile_model
+    from .models.names import project_models
 
-    names = names or timm.list_models("mobile_v*")
+    names = names or project_models()
     rows = [
         "| model | kind | image | params (M) | active params (M) | GFLOPs / image |",
         "|---|---|---|---:|---:|---:|",
@@ -53,6 +54,8 @@ def models_table(names: list[str] | None = None) -> str:
         kind = f"MoE E={m.num_experts} K={m.top_k} L={m.num_moe_layers}" if m.is_moe else "dense"
         if getattr(m, "moe_routing", None) == "token":
             kind = f"per-token MoE E={m.num_experts} K={m.top_k} L={m.num_moe_layers}"
+        if getattr(m, "is_image_text", False):  # GFLOPs: one image and one caption
+            kind = f"image-text, {kind}"
         size = m.pretrained_cfg["input_size"][-1]
         rows.append(
             f"| {name} | {kind} | {size} px | {p.params / 1e6:.2f} | {p.active_params / 1e6:.2f} | {p.flops / 1e9:.3f} |"

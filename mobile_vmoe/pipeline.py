@@ -140,15 +140,14 @@ class _Pipeline:
         """Everything a later stage would reject, checked before the first stage runs."""
         import timm
 
-        import mobile_vmoe.models  # noqa: F401
-
         from .data import BUILTIN
+        from .models.names import classifier_models
         from .superclasses import ALGORITHMS
 
         c = self.cfg
         for which in self.models():
             tcfg = self.train_config(which)
-            if tcfg.model not in timm.list_models("mobile_v*"):
+            if tcfg.model not in classifier_models():
                 raise UserError(
                     f"pipeline config {which}_model: {tcfg.model!r} is not a registered mobile model"
                 )

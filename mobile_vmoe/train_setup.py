@@ -26,6 +26,7 @@ from .config import Config, model_kwargs
 from .data import DatasetIndex, Sample
 from .evaluate import routed_forward
 from .files.superclass_map import read_superclass_map
+from .models.names import classifier_models
 from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def make_env(cfg: Config) -> Env:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg, local_rank)
     env = Env(rank, world, local_rank, device, _amp_dtype(cfg, device))
-    if cfg.model not in timm.list_models("mobile_v*"):
+    if cfg.model not in classifier_models():
         raise UserError(f"config key model: {cfg.model!r} is not a mobile_vit_* / mobile_vmoe_* model")
     if cfg.batch_size < 1 or cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} must be a positive multiple of the world size {world}")

@@ -316,3 +316,20 @@ def test_bad_input_is_refused():
         ImageTextTransformer(two_tower=True, num_experts=4)
     with pytest.raises(ValueError, match="no classifier"):
         timm.create_model(LIMOE, num_classes=10)
+
+
+def test_class_embeddings_average_the_templates_and_travel_in_the_model_file(tmp_path):
+    from mobile_vmoe.checkpoint import ModelMeta, read_meta, save_model
+    from mobile_vmoe.preprocess import Preprocess
+    from mobile_vmoe.prompts import class_embeddings
+
+    torch.manual_seed(0)
+    m = timm.create_model(LIMOE, context_length=16).eval()
+    names, templates = ["red disk", "blue square"], ["a photo of the {}.", "a picture of one {}."]
+    got = class_embeddings(m, names, templates)
+    tok = Tokenizer(16)
+    each = torch.stack([m.encode_text(tok([t.format(n) for t in templates]).tokens).mean(0) for n in names])
+    assert got.shape == (2, m.embed_dim) and torch.allclose(got, F.normalize(each, dim=-1), atol=1e-5)
+    meta = ModelMeta(LIMOE, {"context_length": 16}, names, Preprocess.for_model(m), prompt_templates=templates)
+    back = read_meta(save_model(tmp_path / "m.safetensors", m, meta))
+    assert back.prompt_templates == templates and back.class_names == names
