@@ -5,8 +5,9 @@ whole pipeline (export, decompositions, partitioning, XNNPACK passes) that costs
 three-op graph. Two things make it cheap without changing a byte of the result:
 
 * ``ExpertLowering``: every expert of a model is the same program with other weights. The first expert of each
-  shape goes through the pipeline; every other one hands that program, with its own weights, straight to the
-  XNNPACK backend, which gives the bytes a full lowering gives (``tests/test_switch.py`` compares them).
+  shape goes through the pipeline; every other one hands that program, with its own weights (int8: quantised
+  on their own), straight to the XNNPACK backend, which gives the bytes a full lowering gives
+  (``tests/test_switch.py`` compares them).
 * ``cached_delegate_tracing``: ExecuTorch traces a program that calls lowered modules many times (every pass
   re-traces it, and each ``cond`` traces its branches several times, at every level of the tree), and each
   traced call rebuilt the module's original program with ``ExportedProgram.module()`` and ran it on fake
@@ -104,16 +105,28 @@ def _dynamic_int8(gm: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.G
     return convert_pt2e(prepared)
 
 
-def _with_weights(template: Any, expert: OneExpert) -> nn.Module:
-    """``template`` (a lowered expert) with ``expert``'s weights: its edge program, new state, XNNPACK again."""
+def _int8_weights(expert: OneExpert, shape: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The state a dynamic-int8 lowering of ``expert`` holds (int8 weights, their scales, the biases), quantised
+    as ``_lower_alone(int8=True)`` does, without the rest of its pipeline."""
+    with torch.no_grad():
+        example = torch.zeros(*shape)
+        q = _dynamic_int8(torch.export.export(expert.eval(), (example,)).module(), example)
+    return {name: t.detach() for name, t in [*q.named_parameters(), *q.named_buffers()]}
+
+
+def _with_weights(template: Any, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """``template`` (a lowered expert) with other ``weights``: its edge program, new state, XNNPACK again."""
     from executorch.exir.backend.backend_api import to_backend
 
     ep = template.original_module
-    params = dict(expert.named_parameters())
     old = ep.state_dict
-    if params.keys() != old.keys() or any(params[k].shape != old[k].shape for k in old) or ep.constants:
+    if not old.keys() <= weights.keys() or any(weights[k].shape != old[k].shape for k in old) or ep.constants:
         raise RuntimeError("an expert's parameters do not match the lowered template's")
-    program = ep._update(copy.deepcopy(ep.graph_module), copy.deepcopy(ep.graph_signature), state_dict=params)
+    state = {
+        k: nn.Parameter(weights[k], requires_grad=False) if isinstance(v, nn.Parameter) else weights[k]
+        for k, v in old.items()
+    }
+    program = ep._update(copy.deepcopy(ep.graph_module), copy.deepcopy(ep.graph_signature), state_dict=state)
     return to_backend(template.backend_id, program, template.compile_specs)
 
 
@@ -121,8 +134,8 @@ class ExpertLowering:
     """Lowers the experts of ``ExpertMlp`` modules; one instance per exported program (it keeps templates).
 
     ``reuse=False`` lowers every expert through the whole pipeline (the benchmark's "before"). The experts of
-    the ``ExpertMlp`` modules in ``int8`` get dynamic int8 linears; they always take the whole pipeline (a
-    template's quantised weights are derived constants, not parameters to swap).
+    the ``ExpertMlp`` modules in ``int8`` get dynamic int8 linears: each is quantised on its own (its scales are
+    its own) and handed to the int8 template of its shape.
     """
 
     def __init__(self, reuse: bool = True, int8: Collection[ExpertMlp] = ()) -> None:
@@ -134,19 +147,20 @@ class ExpertLowering:
         self, mlp: ExpertMlp, shape: Sequence[int], done: Callable[[], None] | None = None
     ) -> list[nn.Module]:
         """Each expert of ``mlp`` lowered for inputs of ``shape`` ([1, T, D]); ``done()`` after each one."""
-        key = (tuple(shape), tuple(mlp.fc1_weight.shape[1:]), mlp.fc1_weight.dtype, repr(mlp.act))
         int8 = any(mlp is m for m in self.int8)
+        key = (tuple(shape), tuple(mlp.fc1_weight.shape[1:]), mlp.fc1_weight.dtype, repr(mlp.act), int8)
         lowered: list[nn.Module] = []
         for e in range(mlp.num_experts):
             expert = OneExpert(mlp, e).eval()
             template = self._templates.get(key) if self.reuse else None
-            if int8:
-                lowered.append(_lower_alone(expert, shape, int8=True))
-            elif template is None:
-                template = self._templates[key] = _lower_alone(expert, shape)
+            if template is None:
+                template = _lower_alone(expert, shape, int8=int8)
+                if self.reuse:
+                    self._templates[key] = template
                 lowered.append(template)
             else:
-                lowered.append(_with_weights(template, expert))
+                weights = _int8_weights(expert, shape) if int8 else dict(expert.named_parameters())
+                lowered.append(_with_weights(template, weights))
             if done is not None:
                 done()
         return lowered

@@ -135,3 +135,20 @@ def test_fast_lowering_gives_the_same_program():
     plain, plain_report = lower_pte(model, x, fast_lowering=False)
     assert fast_report["expert_dispatch"] == "switch" and fast_report == plain_report
     assert fast == plain
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_experts_from_a_template_are_byte_identical(int8):
+    """ExpertLowering hands each expert's (int8: its own quantised) weights to the first expert's lowered
+    program: the delegates are byte for byte those of lowering every expert alone."""
+    from mobile_vmoe.export.delegates import ExpertLowering
+
+    torch.manual_seed(0)
+    mlp = next(m for m in tiny_moe(top_k=1).modules() if isinstance(m, ExpertMlp))
+    shape = (1, 17, mlp.fc1_weight.shape[1])
+    int8_mlps = [mlp] if int8 else []
+    fast = ExpertLowering(reuse=True, int8=int8_mlps)(mlp, shape)
+    plain = ExpertLowering(reuse=False, int8=int8_mlps)(mlp, shape)
+    assert len(fast) == len(plain) == mlp.num_experts
+    assert [f.processed_bytes for f in fast] == [p.processed_bytes for p in plain]
+    assert len({f.processed_bytes for f in fast}) == mlp.num_experts  # each expert kept its own weights
