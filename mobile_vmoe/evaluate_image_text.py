@@ -29,7 +29,7 @@ from torch import nn
 from .captions import CaptionSet, ImageTextDataset, caption_splits, read_caption_set
 from .checkpoint import ModelMeta, load_model, read_meta, resolve_model_file
 from .common import UserError
-from .files.captions import CaptionColumns
+from .files.captions import OPEN_CLIP_COLUMNS, CaptionColumns
 from .files.image_text_eval import (
     BlockRouting,
     ImageTextEval,
@@ -80,10 +80,10 @@ def retrieval_recall(
     """(image -> text, text -> image) recall@k: images [I, P], captions [N, P], image_of_text [N] in [0, I).
     An image's hit: one of its captions among its k nearest; a caption's hit: its image among its k nearest."""
     sim = image_embeds.float() @ text_embeds.float().T  # [I, N]
-    I, N = sim.shape
-    near_texts = sim.topk(min(k, N), dim=1).indices  # [I, k]
-    i2t = (image_of_text[near_texts] == torch.arange(I)[:, None]).any(dim=1).float().mean()
-    near_images = sim.T.topk(min(k, I), dim=1).indices  # [N, k]
+    n_images, n_texts = sim.shape
+    near_texts = sim.topk(min(k, n_texts), dim=1).indices  # [I, k]
+    i2t = (image_of_text[near_texts] == torch.arange(n_images)[:, None]).any(dim=1).float().mean()
+    near_images = sim.T.topk(min(k, n_images), dim=1).indices  # [N, k]
     t2i = (near_images == image_of_text[:, None]).any(dim=1).float().mean()
     return float(i2t), float(t2i)
 
@@ -283,7 +283,7 @@ def evaluate_image_text(
     batch_size: int = 256,
     json_out: str | os.PathLike[str] | None = None,
     num_workers: int = 0,
-    columns: CaptionColumns = CaptionColumns(),
+    columns: CaptionColumns = OPEN_CLIP_COLUMNS,
     routing: Any = None,
 ) -> ImageTextEval:
     """Zero-shot, retrieval and routing of an image-text model file (or run directory) on a caption set;

@@ -94,6 +94,7 @@ def make_env(cfg: Config, image_text: bool = False) -> Env:
     """The process's environment, after the config checks that need no data (model name, batch, ...);
     ``image_text``: the run trains an image-text model (``train_image_text``)."""
     import mobile_vmoe.models  # noqa: F401  (registers the model names)
+
     from .models.names import image_text_models
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
