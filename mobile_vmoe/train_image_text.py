@@ -182,15 +182,17 @@ def _build_model(cfg: Config, data: CaptionData) -> tuple[nn.Module, ModelMeta]:
 def _objective(cfg: Config, model: nn.Module, env: Env) -> ContrastiveObjective:
     it = cfg.image_text
     E = model.num_experts if model.is_moe else 0
+    if E and any(s > E for s in it.global_entropy_experts):
+        raise UserError(
+            f"config key image_text.global_entropy_experts: S must be at most the E={E} experts of {cfg.model} "
+            f"(0: S = E), got {list(it.global_entropy_experts)}"
+        )
     on = it.entropy_losses
-    S = tuple(s or max(E, 1) for s in it.global_entropy_experts)
-    try:
-        return ContrastiveObjective(
-            E, it.local_entropy_weight if on else 0.0, it.global_entropy_weight if on else 0.0, S,  # type: ignore[arg-type]
-            cfg.moe.importance_loss_weight, cfg.moe.load_loss_weight, env.rank, env.world,
-        )  # fmt: skip
-    except ValueError as e:
-        raise UserError(f"config key image_text.global_entropy_experts: {e}") from None
+    S = tuple(s or max(E, 1) for s in it.global_entropy_experts) if E else None
+    return ContrastiveObjective(
+        E, it.local_entropy_weight if on else 0.0, it.global_entropy_weight if on else 0.0, S,  # type: ignore[arg-type]
+        cfg.moe.importance_loss_weight, cfg.moe.load_loss_weight, env.rank, env.world,
+    )  # fmt: skip
 
 
 class PairForward(nn.Module):

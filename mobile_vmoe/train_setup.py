@@ -26,7 +26,7 @@ from .config import Config, model_kwargs
 from .data import DatasetIndex, Sample
 from .evaluate import routed_forward
 from .files.superclass_map import read_superclass_map
-from .models.names import classifier_models
+from .models.names import classifier_models, image_text_models
 from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,6 @@ def make_env(cfg: Config, image_text: bool = False) -> Env:
     """The process's environment, after the config checks that need no data (model name, batch, ...);
     ``image_text``: the run trains an image-text model (``train_image_text``)."""
     import mobile_vmoe.models  # noqa: F401  (registers the model names)
-
-    from .models.names import image_text_models
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
