@@ -72,10 +72,8 @@ def _check_config(cfg: Config) -> None:
                 f"config key image_text.{key} must be >= 0 (image, text), got {list(getattr(it, key))}"
             )
     if any(0 < s < 1 for s in it.global_entropy_experts):
-        raise UserError(
-            f"config key image_text.global_entropy_experts: S must be 0 (S = E) or >= 1, got "
-            f"{list(it.global_entropy_experts)}"
-        )
+        S = list(it.global_entropy_experts)
+        raise UserError(f"config key image_text.global_entropy_experts: S must be 0 (S = E) or >= 1, got {S}")
     if it.eval_batch_size < 1:
         raise UserError(f"config key image_text.eval_batch_size must be >= 1, got {it.eval_batch_size}")
 
@@ -130,9 +128,7 @@ def prepare_captions(cfg: Config, env: Env) -> CaptionData:
     train = read(splits[0])
     val = read(splits[1]) if len(splits) > 1 else None
     if env.main:
-        for cs in (train, val):
-            if cs is not None:
-                log.info("%s", cs.describe())
+        log.info("%s", "\n".join(cs.describe() for cs in (train, val) if cs is not None))
         if val is None:
             log.warning("%s has no val split: no per-epoch evaluation", d)
     B = cfg.batch_size // env.world
