@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .capacity import InferenceRouting, apply_routing
 from .captions import CaptionSet, ImageTextDataset, caption_splits, read_caption_set
 from .checkpoint import ModelMeta, load_model, read_meta, resolve_model_file
 from .common import UserError
@@ -284,12 +285,10 @@ def evaluate_image_text(
     json_out: str | os.PathLike[str] | None = None,
     num_workers: int = 0,
     columns: CaptionColumns = OPEN_CLIP_COLUMNS,
-    routing: Any = None,
+    routing: InferenceRouting | None = None,
 ) -> ImageTextEval:
     """Zero-shot, retrieval and routing of an image-text model file (or run directory) on a caption set;
-    ``routing``: a ``capacity.InferenceRouting`` for a LIMoE. Also written to ``json_out``."""
-    from .capacity import apply_routing
-
+    ``routing``: a LIMoE's inference capacity ratio, BPR and K. Also written to ``json_out``."""
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     ckpt = resolve_model_file(checkpoint)
@@ -342,8 +341,6 @@ def format_image_text(ev: ImageTextEval) -> str:
 
 def image_text_cli(args: argparse.Namespace) -> int:
     """``mobile-vmoe eval`` for an image-text checkpoint (options of a classifier evaluation are refused)."""
-    from .capacity import InferenceRouting
-
     for flag, value in (("--split heldout", args.split != "val"), ("--file-list", args.file_list),
                         ("--superclasses", args.superclasses)):  # fmt: skip
         if value:

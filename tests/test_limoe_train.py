@@ -110,6 +110,21 @@ def test_entropy_losses_can_be_turned_off(tmp_path, data_root):
     assert on["loss"] > on["contrastive_loss"] + 0.01 * on["image_local_entropy"]
 
 
+def test_a_caption_table_of_ones_own_trains_and_evaluates(tmp_path, data_root, limoe_run):
+    """``--data`` a single caption table: trained on whole (no val split, no per-epoch evaluation); ``eval --data``
+    another table; class names from the classes.json one folder up."""
+    built = Path(read_meta(limoe_run).train.data_dir)
+    run = train(
+        tiny(
+            tmp_path, "table", data_root, f"data.spec={built / 'train' / 'captions.csv'}", "schedule.epochs=1"
+        )
+    )
+    assert "val_zero_shot_top1" not in records(run, "epoch")[-1]
+    assert read_meta(run).train.data_dir == str(built / "train" / "captions.csv")
+    ev = evaluate_image_text(run, data=built / "val" / "captions.csv")
+    assert ev.zero_shot.num_classes == 6 and ev.retrieval.num_captions == 24 and ev.routing is not None
+
+
 def test_resume_after_interruption_ends_with_the_uninterrupted_weights(tmp_path, data_root):
     over = ["checkpoint.every_n_steps=5"]
     whole = train(tiny(tmp_path, "whole", data_root, *over))
