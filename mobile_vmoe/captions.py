@@ -284,6 +284,7 @@ class ImageTextDataset(_Images):
     ``tokenize``: list of captions -> ``text.TokenBatch`` (tokens [B, L], truncated, empty) or a bare [B, L]
     tensor (``open_clip.tokenize``). Every caption is tokenized once, here: ``truncated`` / ``empty`` count the
     captions cut at the context length / empty after the tokenizer's cleaning (None where it does not say).
+    ``cache``: keep every decoded image in memory (small sets; each data-loader worker keeps its own).
     """
 
     def __init__(
