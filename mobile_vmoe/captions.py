@@ -248,18 +248,24 @@ def read_caption_set(
 class _Images(torch.utils.data.Dataset):
     """Decoding shared by the datasets: an unreadable image gives None (a loader skips it), warned a few times."""
 
-    def __init__(self, transform: Callable[[Image.Image], Any]) -> None:
+    def __init__(self, transform: Callable[[Image.Image], Any], cache: bool = False) -> None:
         self.transform = transform
         self._warned = 0
+        # ``cache``: keep each decoded image (small sets, where PNG decoding, not the model, bounds a step)
+        self._decoded: dict[ImageRef, Image.Image] | None = {} if cache else None
 
     def _image(self, ref: ImageRef) -> Any | None:
-        try:
-            img = open_rgb(ref.open() if ref.member else ref.path)
-        except BAD_IMAGE_ERRORS as e:
-            if self._warned < 10:
-                self._warned += 1
-                log.warning("skipping unreadable image %s: %s", ref, why_unreadable(e))
-            return None
+        img = self._decoded.get(ref) if self._decoded is not None else None
+        if img is None:
+            try:
+                img = open_rgb(ref.open() if ref.member else ref.path)
+            except BAD_IMAGE_ERRORS as e:
+                if self._warned < 10:
+                    self._warned += 1
+                    log.warning("skipping unreadable image %s: %s", ref, why_unreadable(e))
+                return None
+            if self._decoded is not None:
+                self._decoded[ref] = img
         return self.transform(img)
 
 
@@ -278,6 +284,7 @@ class ImageTextDataset(_Images):
     ``tokenize``: list of captions -> ``text.TokenBatch`` (tokens [B, L], truncated, empty) or a bare [B, L]
     tensor (``open_clip.tokenize``). Every caption is tokenized once, here: ``truncated`` / ``empty`` count the
     captions cut at the context length / empty after the tokenizer's cleaning (None where it does not say).
+    ``cache``: keep every decoded image in memory (small sets; each data-loader worker keeps its own).
     """
 
     def __init__(
@@ -286,8 +293,9 @@ class ImageTextDataset(_Images):
         tokenize: Callable[[list[str]], Any],
         transform: Callable[[Image.Image], Any],
         chunk: int = 4096,
+        cache: bool = False,
     ) -> None:
-        super().__init__(transform)
+        super().__init__(transform, cache)
         self.images = [r.image for r in caption_set.rows]
         captions = caption_set.captions
         parts, counts = [], []

@@ -112,6 +112,24 @@ class MoEConfig:
 
 
 @dataclass
+class ImageTextConfig:
+    """Contrastive image-text training (LIMoE, dense one-tower, two-tower CLIP; ``train_image_text``)."""
+
+    # LIMoE's entropy losses per modality (image, text), summed over the MoE blocks (models.limoe_losses); the
+    # paper sweeps the weights per setting, these are ours
+    local_entropy_weight: tuple[float, float] = (0.01, 0.01)
+    global_entropy_weight: tuple[float, float] = (0.01, 0.01)
+    global_entropy_experts: tuple[float, float] = (0.0, 0.0)  # the hinge's S per modality; 0: S = E
+    entropy_losses: bool = True  # false: "LIMoE without entropy losses" (both weights taken as 0)
+    # caption table columns and separator (open_clip's --csv-img-key / --csv-caption-key / --csv-separator)
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_label_key: str = "label"
+    csv_separator: str | None = None
+    eval_batch_size: int = 256  # per-epoch zero-shot / retrieval evaluation on the val captions
+
+
+@dataclass
 class CheckpointConfig:
     every_n_steps: int = 1000  # also at the end of every epoch; 0: only at epoch ends
     keep_last: int = 3  # older complete checkpoints are deleted
@@ -121,7 +139,8 @@ class CheckpointConfig:
 class Config:
     name: str = "custom"  # preset name; the default run directory is runs/<name>-<model>
     model: str = "mobile_vit_tiny_patch16_224"  # timm name of a mobile_vit_* (dense) or mobile_vmoe_* model
-    # to timm.create_model (num_classes from the data if absent); moe_kwargs are added for mobile_vmoe_* only
+    # to timm.create_model (num_classes from the data if absent); moe_kwargs are added for mobile_vmoe_* and
+    # mobile_limoe_* only
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     moe_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,6 +149,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    image_text: ImageTextConfig = field(default_factory=ImageTextConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     amp: str = "auto"  # auto: bf16 autocast on CUDA, off on CPU | bf16 | fp16 (with GradScaler) | off
     ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3); the final RUN/model.safetensors is it
@@ -163,6 +183,7 @@ RESUME_MAY_CHANGE = frozenset(
         "dump_replicas",
         "resume",
         "out",
+        "image_text.eval_batch_size",
     }
 )
 
@@ -406,8 +427,9 @@ def load_config(preset_or_file: str, overrides: typing.Sequence[str] = ()) -> Co
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """``model_kwargs``, plus ``moe_kwargs`` when ``cfg.model`` is a Mobile V-MoE: one preset serves both models."""
-    moe = cfg.model.startswith("mobile_vmoe_")
+    """``model_kwargs``, plus ``moe_kwargs`` when ``cfg.model`` is a Mobile V-MoE or a LIMoE: one preset serves
+    the MoE and its dense baselines."""
+    moe = cfg.model.startswith(("mobile_vmoe_", "mobile_limoe_"))
     return {**cfg.model_kwargs, **(cfg.moe_kwargs if moe else {})}
 
 

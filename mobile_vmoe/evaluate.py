@@ -1,4 +1,5 @@
-"""`mobile-vmoe eval`: top-1/top-5 of a trained model; for a MoE also routing statistics.
+"""`mobile-vmoe eval`: top-1/top-5 of a trained model; for a MoE also routing statistics. An image-text model
+(LIMoE, CLIP) is evaluated by ``evaluate_image_text`` instead (zero-shot, retrieval, routing by modality).
 
     mobile-vmoe eval --checkpoint RUN [--data DIR] [--split val|heldout] [--json OUT]
 
@@ -344,6 +345,10 @@ def _format(r: dict[str, Any]) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from .evaluate_image_text import image_text_cli, is_image_text_checkpoint
+
+    if is_image_text_checkpoint(args.checkpoint):  # zero-shot, retrieval and routing analysis instead
+        return image_text_cli(args)
     ratios, priorities = args.capacity_ratio or [], args.priority or []
     data = dict(data_dir=args.data, file_list=args.file_list, split=args.split, batch_size=args.batch_size,
                 num_workers=args.num_workers)  # fmt: skip
@@ -379,10 +384,17 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 of a trained model; routing statistics for a MoE")
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 of a trained model; routing statistics for a MoE; zero-shot, retrieval and routing "
+        "by modality for an image-text model",
+    )
     p.add_argument("--checkpoint", required=True, help="model .safetensors, run dir or checkpoint dir")
     p.add_argument(
-        "--data", default=None, help="dataset dir (default: the dataset the checkpoint was trained on)"
+        "--data",
+        default=None,
+        help="dataset dir, or an image-text model's caption set (its val split where it has one); default: "
+        "the data the checkpoint was trained on",
     )
     p.add_argument(
         "--split", choices=("val", "heldout"), default="val", help="val/ images or RUN/heldout.txt"
@@ -400,4 +412,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--priority", choices=PRIORITIES, nargs="+", default=None,
                    help="bpr: Batch Priority Routing; vanilla: tokens in order (default for a sweep: both)")  # fmt: skip
     g.add_argument("--top-k", type=int, default=None, help="K experts per token")
+    t = p.add_argument_group("image-text models: the caption table's columns")
+    t.add_argument("--csv-img-key", default="filepath", help="image path column (filepath)")
+    t.add_argument("--csv-caption-key", default="title", help="caption column (title)")
+    t.add_argument("--csv-label-key", default="label", help="optional class index column (label)")
     p.set_defaults(func=_cli)

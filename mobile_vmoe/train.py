@@ -125,11 +125,25 @@ def train_step(
 
 
 def train(cfg: Config) -> Path:
-    """Train ``cfg.model`` as configured; returns the run directory (see docs/FILES.md)."""
+    """Train ``cfg.model`` as configured; returns the run directory (see docs/FILES.md). An image-text model
+    (LIMoE, CLIP) trains contrastively on a caption set: ``train_image_text``."""
     from tqdm import tqdm
 
+    from .captions import is_caption_source
+    from .models.names import image_text_models
+
+    if cfg.model in image_text_models():
+        from .train_image_text import train_image_text
+
+        return train_image_text(cfg)
     # ---- set-up: everything that can be wrong with the input fails here, before any training ----------------
     env = make_env(cfg)  # rank, world size, device, autocast dtype; the checks that need no data
+    if is_caption_source(cfg.data.spec):
+        raise UserError(
+            f"data.spec {cfg.data.spec!r} is a caption set; {cfg.model} is an image classifier and trains on an "
+            "image folder (DIR/train/<class>/...); caption sets train the image-text models (mobile_limoe_*, "
+            "mobile_onetower_*, mobile_clip_*)"
+        )
     cfg.out = cfg.out or str(Path("runs") / f"{cfg.name}-{cfg.model}")
     run = Path(cfg.out).absolute()
     check_out(run)
@@ -361,13 +375,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train a dense ViT or a Mobile V-MoE (DDP with torchrun)",
+        help="train a dense ViT or a Mobile V-MoE, or an image-text model (LIMoE, CLIP) on captions (DDP with "
+        "torchrun)",
         description="Train with a preset or YAML config plus key=value overrides (e.g. optim.lr=1e-3).",
     )
     p.add_argument("--config", required=True, help=f"preset ({', '.join(list_presets())}) or YAML file")
     p.add_argument("--model", default=None, help="timm model name, e.g. mobile_vmoe_tiny_patch16_224")
     p.add_argument("--data", default=None, help="ImageFolder dataset directory")
-    p.add_argument("--dataset", choices=("synthetic", "digits"), default=None, help="built-in dataset")
+    p.add_argument("--dataset", choices=("synthetic", "digits", "synthetic-captions"), default=None,
+                   help="built-in dataset (synthetic-captions: for the image-text models)")  # fmt: skip
     p.add_argument("--superclasses", default=None, help="superclasses.json: super-class router loss (MoE)")
     p.add_argument("--init-from", default=None, metavar="FILE", help="model file whose weights start the run")
     p.add_argument("--epochs", type=int, default=None)

@@ -26,7 +26,7 @@ from .config import Config, model_kwargs
 from .data import DatasetIndex, Sample
 from .evaluate import routed_forward
 from .files.superclass_map import read_superclass_map
-from .models.names import classifier_models
+from .models.names import classifier_models, image_text_models
 from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,22 @@ def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return choices[cfg.amp]
 
 
-def make_env(cfg: Config) -> Env:
-    """The process's environment, after the config checks that need no data (model name, batch, ...)."""
+def make_env(cfg: Config, image_text: bool = False) -> Env:
+    """The process's environment, after the config checks that need no data (model name, batch, ...);
+    ``image_text``: the run trains an image-text model (``train_image_text``)."""
     import mobile_vmoe.models  # noqa: F401  (registers the model names)
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg, local_rank)
     env = Env(rank, world, local_rank, device, _amp_dtype(cfg, device))
-    if cfg.model not in classifier_models():
-        raise UserError(f"config key model: {cfg.model!r} is not a mobile_vit_* / mobile_vmoe_* model")
+    if cfg.model not in (image_text_models() if image_text else classifier_models()):
+        families = (
+            "mobile_limoe_* / mobile_onetower_* / mobile_clip_*"
+            if image_text
+            else "mobile_vit_* / mobile_vmoe_*"
+        )
+        raise UserError(f"config key model: {cfg.model!r} is not a {families} model")
     if cfg.batch_size < 1 or cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} must be a positive multiple of the world size {world}")
     if cfg.log_interval < 1:
@@ -111,7 +117,8 @@ def make_env(cfg: Config) -> Env:
             f"config key data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}"
         )
     if not cfg.data.spec:
-        raise UserError("no dataset: pass --data DIR or --dataset synthetic|digits (config key data.spec)")
+        builtin = "synthetic-captions" if image_text else "synthetic|digits"
+        raise UserError(f"no dataset: pass --data DIR or --dataset {builtin} (config key data.spec)")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     return env
@@ -279,9 +286,10 @@ class RoutedForward(nn.Module):
         return routed_forward(self.model, x)
 
 
-def wrap_model(model: nn.Module, cfg: Config, env: Env) -> nn.Module:
-    """The training forward: RoutedForward, in DDP when world > 1, compiled when ``compile``."""
-    fwd: nn.Module = RoutedForward(model)
+def wrap_model(model: nn.Module, cfg: Config, env: Env, forward: nn.Module | None = None) -> nn.Module:
+    """The training forward (``forward`` around ``model``, default RoutedForward), in DDP when world > 1,
+    compiled when ``compile``."""
+    fwd: nn.Module = forward if forward is not None else RoutedForward(model)
     if env.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
