@@ -36,6 +36,10 @@ class Tokenizer:
         return self._bpe.vocab_size
 
     @property
+    def sot_id(self) -> int:
+        return self._bpe.sot_token_id
+
+    @property
     def eot_id(self) -> int:
         return self._bpe.eot_token_id
 
