@@ -103,7 +103,7 @@ def convert_coreml_text(
 
         with torch.no_grad():
             example = torch.zeros(1, context_length, dtype=torch.long)
-            ep = torch.export.export(model.eval(), (example,)).run_decompositions({})
+            ep = _convertible(torch.export.export(model.eval(), (example,)).run_decompositions({}))
         mlmodel = ct.convert(
             ep,
             convert_to="mlprogram",
@@ -113,6 +113,39 @@ def convert_coreml_text(
             compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
         )
         return _compressed(mlmodel, weights, palettize_bits)
+
+
+def _convertible(ep: Any) -> Any:
+    """``ep`` in ops coremltools 9 converts: no ``aten.alias`` (a full slice such as ``pos_embed[:, :L]``; an
+    alias is its input), and ``&`` of boolean masks (the text padding's routing mask) as ``logical_and``."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target == torch.ops.aten.__and__.Tensor and node.meta["val"].dtype == torch.bool:
+            node.target = torch.ops.aten.logical_and.default
+        elif node.target == torch.ops.aten.gather.default and node.meta["val"].dtype == torch.bool:
+            _gather_as_int(graph, node)  # Core ML gathers no booleans (BPR orders the padding mask)
+    ep.graph_module.recompile()
+    return ep
+
+
+def _gather_as_int(graph: Any, node: Any) -> None:
+    """A gather of a boolean tensor as one of int32 values, cast back to bool."""
+    src = node.args[0]
+    with graph.inserting_before(node):
+        as_int = graph.call_function(torch.ops.aten._to_copy.default, (src,), {"dtype": torch.int32})
+        as_int.meta["val"] = src.meta["val"].to(torch.int32)
+    node.replace_input_with(src, as_int)
+    val = node.meta["val"]
+    node.meta["val"] = val.to(torch.int32)
+    with graph.inserting_after(node):
+        back = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.bool})
+        back.meta["val"] = val
+    node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
 
 
 def _inputs(
@@ -272,7 +305,7 @@ def _matmuls(twin: nn.Module, example: torch.Tensor) -> int:
         import coremltools as ct
 
         with torch.no_grad():
-            ep = torch.export.export(twin, (example,)).run_decompositions({})
+            ep = _convertible(torch.export.export(twin, (example,)).run_decompositions({}))
         twin_ml = ct.convert(ep, convert_to="milinternal", minimum_deployment_target=ct.target.iOS17)
     return sum(1 for t in _iter_ops(twin_ml.functions["main"]) if t in MATMUL_OPS)
 

@@ -124,7 +124,8 @@ class ZeroShotClassifier(ImageTextPart):
         self.input_shape = [1, 3, *(int(s) for s in model.patch_embed.img_size)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * self.model.encode_image(images) @ self.class_embeds.t()
+        # a linear with constant weights, not ``@ class_embeds.t()``: XNNPACK takes it (a matmul runs portable)
+        return F.linear(self.model.encode_image(images), self.class_embeds) * self.logit_scale
 
 
 class TextEncoder(ImageTextPart):
