@@ -28,7 +28,7 @@ from mobile_vmoe.common import UserError
 from mobile_vmoe.files.captions import DEFAULT_TEMPLATES
 from mobile_vmoe.files.sidecar import Sidecar, TextInput
 from mobile_vmoe.prompts import class_embeddings
-from mobile_vmoe.text import PAD_ID, Tokenizer
+from mobile_vmoe.text import PAD_ID, SAMPLE_CAPTIONS, Tokenizer
 
 from .verify import Images, Thresholds, parity
 
@@ -53,17 +53,6 @@ TOKENIZER_NAME = (
     "openai-clip-bpe"  # open_clip's SimpleTokenizer: CLIP's byte-level BPE, lower-cased, 49408 ids
 )
 RANDOM_CLASSES = 10  # placeholder classes of a random-weight zero-shot classifier (latency only)
-# Captions besides the prompts that a text encoder is verified on: lengths from one word to past the context.
-SAMPLE_CAPTIONS = (
-    "a cat",
-    "a photo of a dog playing in the snow",
-    "two red circles on a blue background",
-    "a small green square in the upper left corner of a dark image",
-    "a close-up of a yellow triangle",
-    "an empty street at night with a few lights and one parked car under a tree next to an old house",
-    "this is a picture of something",
-    "stripes",
-)
 
 
 def is_image_text(model: nn.Module) -> bool:
