@@ -32,6 +32,7 @@ from .image_text import (
     PARTS,
     ImageTextPart,
     TextEncoder,
+    caption_images,
     dense_twin,
     describe_part,
     export_part,
@@ -353,10 +354,12 @@ def _prepare(
     tune = req.fmt == "pte" and req.quantize == "int8" and thr.min_agreement is not None and not text
     n_cal = req.num_calibrate
     if text:
-        images = verification_tokens(meta, int(net.model.context_length), req.num_verify)
+        images = verification_tokens(meta, int(net.model.context_length), req.num_verify, data)
     else:
-        images = load_images(meta, data, data_root, req.num_verify, n_cal if req.needs_calibration else 0,
-                             n_cal if tune else 0)  # fmt: skip
+        images = caption_images(meta, data, req.num_verify) if isinstance(net, ImageTextPart) else None
+        if images is None:  # not a caption set: an image dataset, the checkpoint's or the built-in one
+            images = load_images(meta, data, data_root, req.num_verify, n_cal if req.needs_calibration else 0,
+                                 n_cal if tune else 0)  # fmt: skip
     if req.needs_calibration and not images.calibrate:
         raise UserError(
             "int8-static quantisation needs calibration images, and the dataset's train/ split gave none"

@@ -17,12 +17,14 @@ Shape letters as in ``mobile_vmoe.models.limoe``: C classes, P joint embedding w
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobile_vmoe.captions import CaptionSet
 from mobile_vmoe.checkpoint import ModelMeta
 from mobile_vmoe.common import UserError
 from mobile_vmoe.files.captions import DEFAULT_TEMPLATES
@@ -38,6 +40,7 @@ __all__ = [
     "RANDOM_CLASSES",
     "TOKENIZER_NAME",
     "TextEncoder",
+    "caption_images",
     "ZeroShotClassifier",
     "dense_twin",
     "describe_part",
@@ -174,13 +177,55 @@ def text_input(model: nn.Module) -> TextInput:
     )
 
 
-def verification_tokens(meta: ModelMeta, context_length: int, num: int) -> Images:
-    """Up to ``num`` distinct texts, tokenised: the checkpoint's zero-shot prompts, then ``SAMPLE_CAPTIONS``."""
+def _caption_set(meta: ModelMeta, data: str | os.PathLike[str] | None) -> CaptionSet | None:
+    """The caption set ``data`` names, else the one the checkpoint was trained on (its val split where it has
+    one); None where neither is a caption set (images then come from ``verify.load_images``)."""
+    from mobile_vmoe.captions import caption_splits, is_caption_source, read_caption_set
+
+    source = data if data is not None else meta.train.data_dir
+    if source is None or not is_caption_source(str(source)):
+        return None
+    if data is None and not Path(source).exists():
+        raise UserError(
+            f"checkpoint metadata names data_dir {source}, which does not exist here; pass --data"
+        )
+    split = caption_splits(source)[-1]  # val after train
+    return read_caption_set(split, verify_images=False)  # images unreadable here are skipped when loaded
+
+
+def caption_images(meta: ModelMeta, data: str | os.PathLike[str] | None, num: int) -> Images | None:
+    """Up to ``num`` distinct images of the caption set (``_caption_set``), preprocessed as the checkpoint says."""
+    from PIL import Image, UnidentifiedImageError
+
+    captions = _caption_set(meta, data)
+    if captions is None:
+        return None
+    refs = list(dict.fromkeys(r.image for r in captions.rows))
+    tf, xs = meta.preprocess.transform(), []
+    for ref in refs[:: max(1, len(refs) // num)][:num]:  # spread over the set
+        try:
+            with ref.open() as fh, Image.open(fh) as im:
+                xs.append(tf(im.convert("RGB")))
+        except (OSError, UnidentifiedImageError, ValueError):
+            continue
+    if not xs:
+        raise UserError(f"{captions.source}: no readable images to verify the export on")
+    return Images(verify=torch.stack(xs), calibrate=[], tune=torch.empty(0),
+                  source={"caption_set": str(captions.source), "num_images": len(xs)})  # fmt: skip
+
+
+def verification_tokens(
+    meta: ModelMeta, context_length: int, num: int, data: str | os.PathLike[str] | None = None
+) -> Images:
+    """Up to ``num`` distinct texts, tokenised: the checkpoint's zero-shot prompts, the captions of its caption
+    set (``_caption_set``), then ``SAMPLE_CAPTIONS``."""
     prompts = [t.format(c) for c in meta.class_names for t in meta.prompt_templates]
-    texts = list(dict.fromkeys([*prompts, *SAMPLE_CAPTIONS]))[:num]
+    captions = _caption_set(meta, data)
+    real = captions.captions[: 4 * num] if captions is not None else []
+    texts = list(dict.fromkeys([*prompts, *real, *SAMPLE_CAPTIONS]))[:num]
     batch = Tokenizer(context_length)(texts)
-    source = {"texts": "zero-shot prompts and sample captions", "num_prompts": min(len(prompts), num),
-              "truncated": batch.truncated}  # fmt: skip
+    source = {"texts": "zero-shot prompts, then captions" + (f" of {captions.source}" if captions else ""),
+              "num_prompts": min(len(prompts), num), "truncated": batch.truncated}  # fmt: skip
     return Images(verify=batch.tokens, calibrate=[], tune=torch.empty(0), source=source)
 
 

@@ -15,7 +15,9 @@ from mobile_vmoe.export.pte import PteRunner
 
 import mobile_vmoe.models  # noqa: F401  (registers the models)
 from mobile_vmoe.bench import bench
-from mobile_vmoe.checkpoint import ModelMeta, save_model
+from mobile_vmoe.builtin_captions import synthetic_captions
+from mobile_vmoe.captions import read_caption_set
+from mobile_vmoe.checkpoint import ModelMeta, TrainInfo, save_model
 from mobile_vmoe.cli import main
 from mobile_vmoe.common import UserError
 from mobile_vmoe.files.sidecar import read_sidecar
@@ -107,6 +109,24 @@ def test_text_encoder_matches_eager(model, exported, fmt):
     got = _run(fmt, path, tokens)
     assert got.shape == (3, 64) and (got - ref).abs().max() < 1e-4
     assert torch.allclose(got.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_a_trained_checkpoint_verifies_on_its_caption_set(model, tmp_path):
+    """Training records its caption set as data_dir: its val images and captions are what export verifies on."""
+    caps = synthetic_captions(
+        tmp_path / "caps", num_superclasses=2, num_fine=2, train_per_class=2, val_per_class=3
+    )
+    classes = read_caption_set(caps / "val").classes
+    meta = ModelMeta(LIMOE, KW, classes.class_names, Preprocess.for_model(model), TrainInfo(data_dir=str(caps)),
+                     prompt_templates=classes.templates)  # fmt: skip
+    ckpt = save_model(tmp_path / "model.safetensors", model, meta)
+    export_model("onnx", tmp_path / "m.onnx", checkpoint=ckpt, num_verify=8, verbose=False)
+    assert read_sidecar(tmp_path / "m.onnx.json").details["images"]["caption_set"] == str(caps / "val")
+    export_model("onnx", tmp_path / "t.onnx", checkpoint=ckpt, part="text", num_verify=40, verbose=False)
+    p = read_sidecar(tmp_path / "t.onnx.json").details
+    assert (
+        str(caps / "val") in p["texts"]["texts"] and p["parity"]["n_images"] > 16 + 8
+    )  # prompts, samples + captions
 
 
 @pytest.mark.parametrize("part", ["image", "text"])
