@@ -40,8 +40,8 @@ __all__ = [
     "RANDOM_CLASSES",
     "TOKENIZER_NAME",
     "TextEncoder",
-    "caption_images",
     "ZeroShotClassifier",
+    "caption_images",
     "dense_twin",
     "describe_part",
     "export_part",
@@ -52,9 +52,8 @@ __all__ = [
 ]
 
 PARTS = ("image", "text")
-TOKENIZER_NAME = (
-    "openai-clip-bpe"  # open_clip's SimpleTokenizer: CLIP's byte-level BPE, lower-cased, 49408 ids
-)
+# open_clip's SimpleTokenizer (``mobile_vmoe.text.Tokenizer``): CLIP's lower-cased byte-level BPE, 49408 ids
+TOKENIZER_NAME = "openai-clip-bpe"
 RANDOM_CLASSES = 10  # placeholder classes of a random-weight zero-shot classifier (latency only)
 
 
@@ -65,11 +64,11 @@ def is_image_text(model: nn.Module) -> bool:
 class ImageTextPart(nn.Module):
     """One path of an ``ImageTextTransformer``; the MoE attributes export reads are the model's."""
 
+    is_image_text = False  # the export form is a plain one-input model
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-
-    is_image_text = False  # the export form is a plain one-input model
 
     @property
     def is_moe(self) -> bool:
@@ -112,8 +111,12 @@ class ZeroShotClassifier(ImageTextPart):
         self.register_buffer("class_embeds", class_embeds.detach().float().clone())
         self.register_buffer("logit_scale", model.scale().detach().float().reshape(()))
         self.num_classes = int(class_embeds.shape[0])
-        self.patch_embed = model.patch_embed  # the image size export and verification read
         self.input_shape = [1, 3, *(int(s) for s in model.patch_embed.img_size)]
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The model's (export and Core ML read its image size)."""
+        return self.model.patch_embed
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # a linear with constant weights, not ``@ class_embeds.t()``: XNNPACK takes it (a matmul runs portable)
