@@ -180,3 +180,20 @@ def test_bad_input_is_one_clear_error(model, ckpt, exported, tmp_path, capsys):
     code = main(["export", "--checkpoint", str(classifier), "--format", "onnx", "--part", "text"])
     assert code == 2 and "--part applies to image-text models" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.*"))
+
+
+@pytest.mark.slow
+def test_int8_text_encoder_pte(model, ckpt, tmp_path):
+    """Dynamic int8 through the existing quantize path: the token input and the integer routing maths survive."""
+    out = tmp_path / "t.pte"
+    export_model("pte", out, checkpoint=ckpt, part="text", quantize="int8", num_verify=12, verbose=False)
+    sc = read_sidecar(f"{out}.json")
+    assert sc.precision == "int8" and sc.details["quantization"]["name"] == "int8"
+    assert (
+        sc.details["delegation"]["delegated_ops"]["quantized_decomposed_dequantize_per_channel_default"] > 0
+    )
+    tokens = Tokenizer(16)(TEXTS).tokens
+    with torch.no_grad():
+        ref = model.encode_text(tokens)
+    cos = torch.nn.functional.cosine_similarity(PteRunner(out)(tokens), ref, dim=-1)
+    assert cos.min() > 0.99
