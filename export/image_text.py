@@ -221,7 +221,7 @@ def verification_tokens(
     meta: ModelMeta, context_length: int, num: int, data: str | os.PathLike[str] | None = None
 ) -> Images:
     """Up to ``num`` distinct texts, tokenised: the checkpoint's zero-shot prompts, the captions of its caption
-    set (``_caption_set``), then ``SAMPLE_CAPTIONS``."""
+    set (``_caption_set``), then ``SAMPLE_CAPTIONS``; as ``verify.Images`` with the tokens [N, L] in ``verify``."""
     prompts = [t.format(c) for c in meta.class_names for t in meta.prompt_templates]
     captions = _caption_set(meta, data)
     real = captions.captions[: 4 * num] if captions is not None else []

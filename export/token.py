@@ -61,9 +61,7 @@ class LinearTokenExperts(nn.Module):
         return (out * routing.gates.unsqueeze(-1)).sum(dim=2)
 
 
-def buffer_rows(
-    slot: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, capacity: int
-) -> torch.Tensor:
+def buffer_rows(slot: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Routing slots [G, N, K] (e * P + p, or E * P: dropped) -> rows of [E, G, P] buffers, flat [G * N * K].
 
     Expert e's rows of all groups are contiguous (e * G * P + g * P + p), so that each expert runs one linear

@@ -330,8 +330,6 @@ def test_class_embeddings_average_the_templates_and_travel_in_the_model_file(tmp
     tok = Tokenizer(16)
     each = torch.stack([m.encode_text(tok([t.format(n) for t in templates]).tokens).mean(0) for n in names])
     assert got.shape == (2, m.embed_dim) and torch.allclose(got, F.normalize(each, dim=-1), atol=1e-5)
-    meta = ModelMeta(
-        LIMOE, {"context_length": 16}, names, Preprocess.for_model(m), prompt_templates=templates
-    )
+    meta = ModelMeta(LIMOE, {"context_length": 16}, names, Preprocess.for_model(m), prompt_templates=templates)
     back = read_meta(save_model(tmp_path / "m.safetensors", m, meta))
     assert back.prompt_templates == templates and back.class_names == names
