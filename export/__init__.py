@@ -8,7 +8,10 @@ eager PyTorch; Core ML, which cannot predict on Linux, is checked structurally (
 stacked expert weights and holds no per-expert copies of the MLP). The artifact appears at its path only after
 the check passed, with a ``FILE.<ext>.json`` sidecar such as ``model.pte.json`` (model, routing, precision,
 parity, size, library versions; docs/FILES.md).
-CLI: ``mobile-vmoe export --checkpoint CKPT --format pte|coreml|onnx [--quantize int8] [--out FILE]``.
+An image-text checkpoint (LIMoE, one-tower, CLIP) exports as a zero-shot classifier (its class-prompt embeddings
+baked in) or, with ``part="text"``, as its text encoder (``image_text.py``).
+CLI: ``mobile-vmoe export --checkpoint CKPT --format pte|coreml|onnx [--quantize int8] [--part image|text]
+[--out FILE]``.
 """
 
 from .core import DEFAULT_NUM_VERIFY, FORMATS, export_model

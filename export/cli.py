@@ -11,6 +11,7 @@ from typing import Any
 from mobile_vmoe.common import UserError
 
 from .core import DEFAULT_NUM_CALIBRATE, DEFAULT_NUM_VERIFY, FORMATS, export_model
+from .image_text import PARTS
 from .pte import INT8_SCHEMES
 from .verify import VerificationError
 
@@ -52,6 +53,7 @@ def _run(args: argparse.Namespace) -> int:
             expert_dispatch=args.expert_dispatch,
             capacity_ratio=args.capacity_ratio,
             priority=args.priority,
+            part=args.part,
             seed=args.seed,
         )
     except VerificationError as e:
@@ -125,6 +127,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="MoE experts in pte/onnx: switch (default; one cond branch per expert, weights packed at load) or "
         "gather (lowers ~4x faster, costs ~3-5%% latency)",
+    )
+    p.add_argument(
+        "--part",
+        choices=list(PARTS),
+        default=None,
+        help="image-text models (mobile_limoe_*, mobile_onetower_*, mobile_clip_*): image = zero-shot classifier "
+        "with the checkpoint's class-prompt embeddings baked in (default), text = the text encoder "
+        "(int64 tokens [1, L] -> normalised embedding [1, P])",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --model")
     p.set_defaults(func=_run)

@@ -28,12 +28,34 @@ from mobile_vmoe.files.sidecar import Sidecar, sidecar_path, write_sidecar
 from mobile_vmoe.preprocess import Preprocess
 
 from . import coreml, pte
+from .image_text import (
+    PARTS,
+    ImageTextPart,
+    TextEncoder,
+    caption_images,
+    dense_twin,
+    describe_part,
+    export_part,
+    is_image_text,
+    text_parity,
+    verification_tokens,
+)
 from .onnx_export import export_onnx
 from .quantize import eager_logits, select_fp32_layers
 from .quiet import Progress, quiet_libraries
+from .summary import print_summary
 from .token import for_export as token_for_export
 from .token import is_token_moe, token_routing_info
-from .verify import Images, Thresholds, VerificationError, load_images, verify_onnx, verify_pte
+from .verify import (
+    Compare,
+    Images,
+    Thresholds,
+    VerificationError,
+    load_images,
+    parity,
+    verify_onnx,
+    verify_pte,
+)
 
 __all__ = ["DEFAULT_NUM_CALIBRATE", "DEFAULT_NUM_VERIFY", "FORMATS", "VerificationError", "export_model"]
 
@@ -62,6 +84,7 @@ class Request:
         None  # per-token V-MoE: inference capacity of the export (None: the model's)
     )
     priority: str | None = None  # per-token V-MoE: "bpr" | "vanilla" (None: the model's)
+    part: str | None = None  # image-text: "image" (zero-shot classifier, default) | "text" (text encoder)
 
     def check(self) -> None:
         """UserError on any bad value, before anything is loaded."""
@@ -95,6 +118,12 @@ class Request:
         if self.expert_dispatch == "switch" and fmt == "coreml":
             raise UserError(
                 "--expert-dispatch switch is for pte and onnx; Core ML gathers the expert weights"
+            )
+        if self.part not in (None, *PARTS):
+            raise UserError(f"--part {self.part!r}: expected one of {', '.join(PARTS)}")
+        if self.part == "text" and q == "int8-static":
+            raise UserError(
+                "--quantize int8-static calibrates on images; a text encoder takes --quantize int8"
             )
         if self.num_verify < 1:
             raise UserError(f"num_verify must be >= 1, got {self.num_verify}")
@@ -151,6 +180,7 @@ def export_model(
     expert_dispatch: str | None = None,
     capacity_ratio: float | None = None,
     priority: str | None = None,
+    part: str | None = None,
     seed: int = 0,
     verbose: bool = True,
 ) -> Path:
@@ -169,7 +199,10 @@ def export_model(
     experts): ``"switch"`` (default for pte and onnx: one ``torch.cond`` branch per expert, ``switch.py``) or
     ``"gather"`` (the model's own form: faster lowering; Core ML's only form). A per-token V-MoE is exported
     at ``capacity_ratio`` and ``priority`` (its inference routing; recorded in the sidecar), each expert as two
-    linears with constant weights (``token.py``). ``verbose``: print a summary.
+    linears with constant weights (``token.py``). An image-text model (LIMoE, one-tower, CLIP) exports ``part``
+    (``image_text.py``): "image" (default), the zero-shot classifier with the checkpoint's class-prompt
+    embeddings baked in, verified like any classifier; "text", the text encoder (int64 tokens -> normalised
+    embedding), verified on tokenised prompts and captions. ``verbose``: print a summary.
     Raises UserError on bad input (before any lowering) and VerificationError when the check fails; either
     way nothing is left at ``out``.
     """
@@ -178,11 +211,12 @@ def export_model(
         fmt=fmt, quantize=quantize, num_verify=num_verify, num_calibrate=num_calibrate, atol=atol,
         min_top1_agreement=min_top1_agreement, coreml_input=coreml_input, coreml_precision=coreml_precision,
         palettize_bits=palettize_bits, expert_dispatch=expert_dispatch, capacity_ratio=capacity_ratio,
-        priority=priority,
+        priority=priority, part=part,
     )  # fmt: skip
     req.check()
     with quiet_libraries():
         net, meta, random_weights = _load_source(checkpoint, model, model_kwargs, seed)
+        net = export_part(net, meta, req.part, random_weights, checkpoint or f"--model {model}")
         if is_token_moe(net):
             net = token_for_export(
                 net, req.capacity_ratio, None if req.priority is None else req.priority == "bpr"
@@ -208,7 +242,7 @@ def export_model(
             job.sidecar.details = job.report
             write_sidecar(tmp, job.sidecar, at=tmp_json)
     if verbose:
-        _print_summary(out, job.sidecar)
+        print_summary(out, job.sidecar)
     return out
 
 
@@ -230,7 +264,7 @@ def _load_source(
         if model_kwargs:
             raise UserError("--model-kwargs applies to --model only; a checkpoint carries its own kwargs")
         m, meta = load_model(checkpoint)
-        if len(meta.class_names) != m.num_classes:
+        if not is_image_text(m) and len(meta.class_names) != m.num_classes:
             meta.class_names = [str(i) for i in range(m.num_classes)]
         return m, meta, False
     meta = ModelMeta(model=str(model), model_kwargs=dict(model_kwargs or {}), class_names=[],
@@ -241,7 +275,7 @@ def _load_source(
         raise UserError(f"--model {model!r}: not a registered mobile-vmoe model (see `mobile-vmoe models`)")
     torch.manual_seed(seed)
     m = create_model(meta, "--model-kwargs").eval()
-    meta.class_names = [str(i) for i in range(m.num_classes)]
+    meta.class_names = [] if is_image_text(m) else [str(i) for i in range(m.num_classes)]
     meta.preprocess = Preprocess.for_model(m)
     return m, meta, True
 
@@ -256,7 +290,7 @@ def _output_path(
         if checkpoint is not None:
             ck = Path(checkpoint)
             stem = ck.resolve().name if ck.is_dir() else ck.stem
-        out = f"{stem}{'_int8' if req.quantize else ''}{ext}"
+        out = f"{stem}{'_text' if req.part == 'text' else ''}{'_int8' if req.quantize else ''}{ext}"
     out = Path(out)
     if out.suffix != ext:
         raise UserError(f"--out {out}: a {req.fmt} artifact must end in {ext}")
@@ -315,11 +349,17 @@ def _prepare(
 ) -> _Job:
     """Thresholds, real images, eager logits and the sidecar record: everything but the lowering."""
     thr = Thresholds.choose(req.fmt, bool(req.quantize), random_weights, req.atol, req.min_top1_agreement)
+    text = isinstance(net, TextEncoder)
     # The dynamic scheme picks its fp32 layers on images of its own wherever an agreement bar applies.
-    tune = req.fmt == "pte" and req.quantize == "int8" and thr.min_agreement is not None
+    tune = req.fmt == "pte" and req.quantize == "int8" and thr.min_agreement is not None and not text
     n_cal = req.num_calibrate
-    images = load_images(meta, data, data_root, req.num_verify, n_cal if req.needs_calibration else 0,
-                         n_cal if tune else 0)  # fmt: skip
+    if text:
+        images = verification_tokens(meta, int(net.model.context_length), req.num_verify, data)
+    else:
+        images = caption_images(meta, data, req.num_verify) if isinstance(net, ImageTextPart) else None
+        if images is None:  # not a caption set: an image dataset, the checkpoint's or the built-in one
+            images = load_images(meta, data, data_root, req.num_verify, n_cal if req.needs_calibration else 0,
+                                 n_cal if tune else 0)  # fmt: skip
     if req.needs_calibration and not images.calibrate:
         raise UserError(
             "int8-static quantisation needs calibration images, and the dataset's train/ split gave none"
@@ -330,7 +370,7 @@ def _prepare(
         model=meta.model,
         model_kwargs=meta.model_kwargs,
         class_names=meta.class_names,
-        input_shape=[1, 3, *(int(s) for s in net.patch_embed.img_size)],
+        input_shape=getattr(net, "input_shape", None) or [1, 3, *(int(s) for s in net.patch_embed.img_size)],
         preprocess=meta.preprocess,
         precision=req.precision,
         # E experts, K chosen per image, L MoE blocks (the bench result schema's keys); null for a dense model.
@@ -343,14 +383,14 @@ def _prepare(
         checkpoint=str(resolve_model_file(checkpoint).resolve()) if checkpoint is not None else None,
         random_weights=random_weights,
     )
-    report: dict[str, Any] = {"images": images.source, "notes": []}
+    describe_part(net, meta, sc)
+    report: dict[str, Any] = {"texts" if text else "images": images.source, "notes": []}
     if random_weights:
         report["notes"].append("random weights (no checkpoint): for latency work only")
     n = images.verify.shape[0]
     if n < req.num_verify:
-        report["notes"].append(
-            f"verified on {n} images: the dataset has fewer than the {req.num_verify} asked for"
-        )
+        what = "texts: prompts and sample captions are" if text else "images: the dataset has"
+        report["notes"].append(f"verified on {n} {what} fewer than the {req.num_verify} asked for")
     return _Job(req, net, meta, images, eager_logits(net, images.verify), thr, sc, report)
 
 
@@ -379,44 +419,62 @@ def _export_pte(job: _Job, tmp: Path) -> list[str]:
             "fp32_layers": keep_fp32,
             "layer_choice": tuning,
         }
-    job.report["parity"], failures = verify_pte(tmp, imgs.verify, job.ref, job.thr)
+    job.report["parity"], failures = verify_pte(tmp, imgs.verify, job.ref, job.thr, _compare(job))
     return failures
 
 
 def _export_onnx(job: _Job, tmp: Path) -> list[str]:
     example = job.images.verify[:1]
+    names = ("tokens", "text_embeds") if isinstance(job.net, TextEncoder) else ("image", "logits")
     job.sidecar.expert_dispatch = export_onnx(
-        job.net, example, tmp, expert_switch=job.req.expert_dispatch != "gather"
+        job.net, example, tmp, expert_switch=job.req.expert_dispatch != "gather", names=names
     )
-    job.report["parity"], failures = verify_onnx(tmp, job.images.verify, job.ref, job.thr)
+    job.report["parity"], failures = verify_onnx(tmp, job.images.verify, job.ref, job.thr, _compare(job))
     return failures
+
+
+def _compare(job: _Job) -> Compare:
+    return text_parity if isinstance(job.net, TextEncoder) else parity
 
 
 def _export_coreml(job: _Job, tmp: Path) -> list[str]:
     """Convert into ``tmp`` and check the MIL program's structure (Core ML predicts only on Apple hardware)."""
-    req, meta = job.req, job.meta
+    req, meta, net = job.req, job.meta, job.net
+    text = isinstance(net, TextEncoder)
     job.report["coreml"] = {
-        "input": req.coreml_input,
+        "input": "tokens (int32 [1, L])" if text else req.coreml_input,
         "minimum_deployment_target": "iOS17",
-        "outputs": "classLabel + classLabel_probs (softmax probabilities)",
+        "outputs": "text_embeds (normalised [1, P])"
+        if text
+        else "classLabel + classLabel_probs (softmax probabilities)",
     }
     with Progress("converting to Core ML", total=3) as progress:
         progress.stage("ct.convert")
-        mlmodel = coreml.convert_coreml(
-            job.net,
-            tuple(int(s) for s in job.net.patch_embed.img_size),
-            meta.class_names,
-            meta.preprocess.mean,
-            meta.preprocess.std,
-            image_input=req.coreml_input == "image",
-            precision=req.coreml_precision,
-            weights=req.quantize,
-            palettize_bits=req.palettize_bits,
-        )
+        compress = {
+            "precision": req.coreml_precision,
+            "weights": req.quantize,
+            "palettize_bits": req.palettize_bits,
+        }
+        if text:
+            mlmodel = coreml.convert_coreml_text(net, net.input_shape[1], **compress)
+        else:
+            mlmodel = coreml.convert_coreml(
+                net,
+                tuple(int(s) for s in net.patch_embed.img_size),
+                meta.class_names,
+                meta.preprocess.mean,
+                meta.preprocess.std,
+                image_input=req.coreml_input == "image",
+                **compress,
+            )
         progress.advance()
         progress.stage("checking the MIL program")
+        twin = None
+        if isinstance(net, ImageTextPart) and net.is_moe:
+            twin = dense_twin(net, meta.model, meta.model_kwargs)
+            twin = (twin, torch.zeros(twin.input_shape, dtype=torch.long if text else torch.float32))
         job.report["mil_structure"], failures = coreml.check_structure(
-            job.net, meta.model, meta.model_kwargs, mlmodel
+            net, meta.model, meta.model_kwargs, mlmodel, twin
         )
         progress.advance()
         progress.stage("saving")
@@ -434,43 +492,3 @@ def _versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[lib] = None
     return out
-
-
-def _print_summary(out: Path, sc: Sidecar) -> None:
-    rt, r = sc.routing, sc.details
-    kind = f"MoE E={rt['E']} K={rt['K']} L={rt['L']}" if rt else "dense"
-    weights = "RANDOM weights" if sc.random_weights else "trained weights"
-    print(
-        f"wrote {out} ({(sc.file_size_bytes or 0) / 1e6:.2f} MB): {sc.model} [{kind}], {sc.precision}, {weights}"
-    )
-    p = r["parity"]
-    if "max_abs_diff" in p:
-        thr = []
-        if p["atol"] is not None:
-            thr.append(f"atol {p['atol']:g}")
-        if p["min_top1_agreement"] is not None:
-            thr.append(f"min agreement {p['min_top1_agreement']:.0%}")
-        print(
-            f"  parity vs eager on {p['n_images']} images: max abs diff {p['max_abs_diff']:.3g}, "
-            f"top-1 agreement {p['top1_agreement']:.2%} (checked: {', '.join(thr) or 'not enforced, random weights'})"
-        )
-    else:
-        print(f"  parity: {p['status']}")
-    if "delegation" in r:
-        d = r["delegation"]
-        print(
-            f"  XNNPACK: {sum(d['delegated_ops'].values())} ops in {d['num_delegated_subgraphs']} subgraphs"
-        )
-        port = ", ".join(f"{pte.clean_op_name(k)} x{v}" for k, v in d["portable_ops"].items())
-        print(f"  portable kernels: {port or 'none'}")
-    if "mil_structure" in r:
-        s = r["mil_structure"]
-        if "moe" in s:
-            m = s["moe"]
-            print(
-                f"  MIL: {m['matmul_ops']} matmul/linear ops (dense twin {s['dense_twin_matmul_ops']}), "
-                f"{len(m['expert_weight_gathers'])} gathers on stacked expert weights"
-            )
-        else:
-            print(f"  MIL: {s['dense']['matmul_ops']} matmul/linear ops")
-    print(f"  sidecar: {out.name}.json")

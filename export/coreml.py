@@ -21,7 +21,14 @@ from torch import nn
 
 from .quiet import captured_output, quiet_libraries
 
-__all__ = ["MATMUL_OPS", "check_structure", "convert_coreml", "mil_op_stats", "save_coreml"]
+__all__ = [
+    "MATMUL_OPS",
+    "check_structure",
+    "convert_coreml",
+    "convert_coreml_text",
+    "mil_op_stats",
+    "save_coreml",
+]
 
 
 class _CoreMLWrapper(nn.Module):
@@ -78,6 +85,67 @@ def convert_coreml(
             compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
         )
         return _compressed(mlmodel, weights, palettize_bits)
+
+
+def convert_coreml_text(
+    model: nn.Module,
+    context_length: int,
+    *,
+    precision: str = "fp16",
+    weights: str | None = None,
+    palettize_bits: int | None = None,
+    target: str = "iOS17",
+) -> Any:
+    """A text encoder (tokens [1, L] -> embedding [1, P]) as an ML program: input ``tokens`` int32 (Core ML has
+    no int64 inputs; ids < 2^31), output ``text_embeds``."""
+    with quiet_libraries(), captured_output():
+        import coremltools as ct
+
+        with torch.no_grad():
+            example = torch.zeros(1, context_length, dtype=torch.long)
+            ep = _convertible(torch.export.export(model.eval(), (example,)).run_decompositions({}))
+        mlmodel = ct.convert(
+            ep,
+            convert_to="mlprogram",
+            inputs=[ct.TensorType(name="tokens", shape=(1, context_length), dtype=np.int32)],
+            outputs=[ct.TensorType(name="text_embeds")],
+            minimum_deployment_target=getattr(ct.target, target),
+            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+        )
+        return _compressed(mlmodel, weights, palettize_bits)
+
+
+def _convertible(ep: Any) -> Any:
+    """``ep`` in ops coremltools 9 converts: no ``aten.alias`` (a full slice such as ``pos_embed[:, :L]``; an
+    alias is its input), and ``&`` of boolean masks (the text padding's routing mask) as ``logical_and``."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target == torch.ops.aten.__and__.Tensor and node.meta["val"].dtype == torch.bool:
+            node.target = torch.ops.aten.logical_and.default
+        elif node.target == torch.ops.aten.gather.default and node.meta["val"].dtype == torch.bool:
+            _gather_as_int(graph, node)  # Core ML gathers no booleans (BPR orders the padding mask)
+    ep.graph_module.recompile()
+    return ep
+
+
+def _gather_as_int(graph: Any, node: Any) -> None:
+    """A gather of a boolean tensor as one of int32 values, cast back to bool."""
+    src = node.args[0]
+    with graph.inserting_before(node):
+        as_int = graph.call_function(torch.ops.aten._to_copy.default, (src,), {"dtype": torch.int32})
+        as_int.meta["val"] = src.meta["val"].to(torch.int32)
+    node.replace_input_with(src, as_int)
+    val = node.meta["val"]
+    node.meta["val"] = val.to(torch.int32)
+    with graph.inserting_after(node):
+        back = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.bool})
+        back.meta["val"] = val
+    node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
 
 
 def _inputs(
@@ -150,18 +218,26 @@ def mil_op_stats(mlmodel: Any, num_experts: int) -> dict[str, Any]:
     }
 
 
-def check_structure(model: nn.Module, model_name: str, kwargs: dict, mlmodel: Any) -> tuple[dict, list[str]]:
+def check_structure(
+    model: nn.Module,
+    model_name: str,
+    kwargs: dict,
+    mlmodel: Any,
+    twin: tuple[nn.Module, torch.Tensor] | None = None,
+) -> tuple[dict, list[str]]:
     """(MIL structure report, failures): Core ML's verification, since it cannot predict on Linux.
 
     A MoE must gather the stacked expert weights, and its matmul count must stay about the dense twin's plus
-    the router's (computing all experts would add 2 * L * (E - 1) matmuls).
+    the router's (computing all experts would add 2 * L * (E - 1) matmuls). ``twin``: the dense twin and its
+    example input, where it is not the timm model of the same name without MoE layers (an image-text part).
     """
     E, L = int(getattr(model, "num_experts", 0)), int(getattr(model, "num_moe_layers", 0))
     stats = mil_op_stats(mlmodel, E)
     if not L:
         return {"dense": stats}, []
     if getattr(model, "moe_routing", None) == "token":
-        return _check_token_structure(model, model_name, kwargs, stats)
+        dense_mm = _matmuls(*twin) if twin is not None else _dense_twin_matmuls(model_name, kwargs)
+        return _check_token_structure(model, dense_mm, stats)
     dense_mm = _dense_twin_matmuls(model_name, kwargs)
     extra = stats["matmul_ops"] - dense_mm
     out: dict[str, Any] = {
@@ -186,14 +262,11 @@ def check_structure(model: nn.Module, model_name: str, kwargs: dict, mlmodel: An
     return out, failures
 
 
-def _check_token_structure(
-    model: nn.Module, model_name: str, kwargs: dict, stats: dict
-) -> tuple[dict, list[str]]:
+def _check_token_structure(model: nn.Module, dense_mm: int, stats: dict) -> tuple[dict, list[str]]:
     """A per-token V-MoE: its tokens reach the experts through scatter / gather into fixed buffers, and each MoE
     block adds its router and 2 * (E - 1) expert linears over the dense twin's MLP (each expert runs on its P
     buffer rows, not on every token)."""
     E, L = int(model.num_experts), int(model.num_moe_layers)
-    dense_mm = _dense_twin_matmuls(model_name, kwargs)
     extra = stats["matmul_ops"] - dense_mm
     want = L * (1 + 2 * (E - 1))
     ops = stats["op_counts"]
@@ -223,12 +296,16 @@ def _dense_twin_matmuls(model_name: str, kwargs: dict) -> int:
         twin = timm.create_model(twin_name, **{k: v for k, v in kwargs.items() if k not in moe_only}).eval()
     else:
         twin = timm.create_model(model_name, **{**kwargs, "num_moe_layers": 0}).eval()
+    return _matmuls(twin, torch.zeros(1, 3, *twin.patch_embed.img_size))
+
+
+def _matmuls(twin: nn.Module, example: torch.Tensor) -> int:
+    """Matmul-like ops of ``twin`` converted to MIL."""
     with quiet_libraries(), captured_output():
         import coremltools as ct
 
         with torch.no_grad():
-            example = torch.zeros(1, 3, *twin.patch_embed.img_size)
-            ep = torch.export.export(twin, (example,)).run_decompositions({})
+            ep = _convertible(torch.export.export(twin, (example,)).run_decompositions({}))
         twin_ml = ct.convert(ep, convert_to="milinternal", minimum_deployment_target=ct.target.iOS17)
     return sum(1 for t in _iter_ops(twin_ml.functions["main"]) if t in MATMUL_OPS)
 

@@ -18,13 +18,19 @@ __all__ = ["OnnxRunner", "export_onnx"]
 
 
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *, expert_switch: bool = True
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    expert_switch: bool = True,
+    names: tuple[str, str] = ("image", "logits"),
 ) -> str | None:
     """torch.onnx dynamo export with a dynamic batch axis, weights inside the one file, then onnx's checker.
 
     ``expert_switch`` (default on): a MoE's experts become ``If`` branches with constant weights, which ONNX
     Runtime pre-packs (``switch.ExpertSwitch``); a batch whose images chose different experts takes the gather
-    form. Off: the gather form only. Returns the MoE's expert dispatch, "switch" or "gather" (None: dense).
+    form. Off: the gather form only. ``names``: of the input and the output (a text encoder: tokens,
+    text_embeds). Returns the MoE's expert dispatch, "switch" or "gather" (None: dense).
     """
     import onnx
 
@@ -44,8 +50,8 @@ def export_onnx(
                 (example,),
                 str(path),
                 dynamo=True,
-                input_names=["image"],
-                output_names=["logits"],
+                input_names=[names[0]],
+                output_names=[names[1]],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                 external_data=False,
                 verbose=False,
@@ -70,5 +76,6 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
+        x = x.numpy()  # integer inputs (a text encoder's tokens) keep their type
+        out = self.session.run(None, {self.input_name: x.astype(np.float32) if x.dtype.kind == "f" else x})[0]
         return torch.from_numpy(out)

@@ -34,7 +34,7 @@ __all__ = ["for_xnnpack", "BmmAttention", "MatmulLayerNorm"]
 
 
 class BmmAttention(nn.Module):
-    """timm ``Attention`` (self-attention without mask or gate) as two 3-D batched matmuls.
+    """timm ``Attention`` (self-attention without mask or gate, or causal) as two 3-D batched matmuls.
 
     Takes over the source module's submodules under the same names, so parameter and module paths do not change
     (``blocks.0.attn.qkv`` stays that). H heads of width hd, D = H * hd; other letters as in the package.
@@ -49,8 +49,8 @@ class BmmAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("BmmAttention is for unmasked self-attention (a ViT's); got a mask")
+        if attn_mask is not None:
+            raise ValueError("BmmAttention is for unmasked or causal self-attention; got a mask")
         B, T, _ = x.shape
         H, hd = self.num_heads, self.head_dim
         A = H * hd
@@ -59,7 +59,10 @@ class BmmAttention(nn.Module):
         q, k, v = (qkv[..., i * A : (i + 1) * A].reshape(B, T, H, hd).transpose(1, 2) for i in range(3))
         q, k = self.q_norm(q), self.k_norm(k)  # [B, H, T, hd]
         q = (q * self.scale).reshape(B * H, T, hd)
-        attn = torch.bmm(q, k.reshape(B * H, T, hd).transpose(1, 2)).softmax(dim=-1)  # [B*H, T, T]
+        attn = torch.bmm(q, k.reshape(B * H, T, hd).transpose(1, 2))  # [B*H, T, T]
+        if is_causal:  # a caption's tokens see only those before them (CLIP's text tower)
+            attn = attn + torch.full((T, T), float("-inf"), dtype=attn.dtype, device=attn.device).triu(1)
+        attn = attn.softmax(dim=-1)
         y = torch.bmm(attn, v.reshape(B * H, T, hd))  # [B*H, T, hd]
         y = y.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, A)
         return self.proj_drop(self.proj(self.norm(y)))

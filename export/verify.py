@@ -14,6 +14,7 @@ cannot predict on Linux, is checked structurally instead (``coreml.check_structu
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -180,6 +181,10 @@ def load_images(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# (eager outputs, artifact outputs, thresholds) -> (figures, failures); image_text.text_parity for text encoders
+Compare = Callable[[torch.Tensor, torch.Tensor, "Thresholds"], tuple[dict[str, Any], list[str]]]
+
+
 def parity(ref: torch.Tensor, out: torch.Tensor, thr: Thresholds) -> tuple[dict[str, Any], list[str]]:
     """(figures, failures) of logits ``out`` against eager ``ref`` ([N, C] each)."""
     diff = float((out.float() - ref.float()).abs().max())
@@ -200,18 +205,18 @@ def parity(ref: torch.Tensor, out: torch.Tensor, thr: Thresholds) -> tuple[dict[
 
 
 def verify_pte(
-    path: Path, images: torch.Tensor, ref: torch.Tensor, thr: Thresholds
+    path: Path, images: torch.Tensor, ref: torch.Tensor, thr: Thresholds, compare: Compare = parity
 ) -> tuple[dict[str, Any], list[str]]:
     """The .pte in the ExecuTorch runtime, one image per run (its batch is static 1), against eager."""
     with Progress(f"verifying on {images.shape[0]} images", total=images.shape[0], unit="image") as p:
         got = PteRunner(path)(images, progress=p)
-    figures, failures = parity(ref, got, thr)
+    figures, failures = compare(ref, got, thr)
     figures["runtime"] = "executorch.runtime (XNNPACK)"
     return figures, failures
 
 
 def verify_onnx(
-    path: Path, images: torch.Tensor, ref: torch.Tensor, thr: Thresholds
+    path: Path, images: torch.Tensor, ref: torch.Tensor, thr: Thresholds, compare: Compare = parity
 ) -> tuple[dict[str, Any], list[str]]:
     """The .onnx in ONNX Runtime: one image per run, as an app runs it (a MoE takes its expert switch), then
     all images as one batch (mixed routing: a MoE's gather form); both must match eager."""
@@ -221,8 +226,8 @@ def verify_onnx(
         for x in images:
             outs.append(runner(x[None]))
             p.advance()
-    figures, failures = parity(ref, torch.cat(outs), thr)
-    batched, batch_failures = parity(ref, runner(images), thr)
+    figures, failures = compare(ref, torch.cat(outs), thr)
+    batched, batch_failures = compare(ref, runner(images), thr)
     figures["batched"] = {k: batched[k] for k in ("max_abs_diff", "top1_agreement")}
     figures["runtime"] = "onnxruntime CPUExecutionProvider"
     return figures, failures + [f"in one batch: {f}" for f in batch_failures]

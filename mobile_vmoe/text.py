@@ -11,9 +11,21 @@ from typing import NamedTuple
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-__all__ = ["PAD_ID", "TokenBatch", "Tokenizer", "text_mask"]
+__all__ = ["PAD_ID", "SAMPLE_CAPTIONS", "TokenBatch", "Tokenizer", "text_mask"]
 
 PAD_ID = 0
+# Captions of one word to longer than a nano context: what export verifies a text encoder on besides the zero-shot
+# prompts, and what `mobile-vmoe bench` feeds one.
+SAMPLE_CAPTIONS = (
+    "a cat",
+    "a photo of a dog playing in the snow",
+    "two red circles on a blue background",
+    "a small green square in the upper left corner of a dark image",
+    "a close-up of a yellow triangle",
+    "an empty street at night with a few lights and one parked car under a tree next to an old house",
+    "this is a picture of something",
+    "stripes",
+)
 
 
 class TokenBatch(NamedTuple):
@@ -34,6 +46,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._bpe.vocab_size
+
+    @property
+    def sot_id(self) -> int:
+        return self._bpe.sot_token_id
 
     @property
     def eot_id(self) -> int:

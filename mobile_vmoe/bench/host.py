@@ -111,6 +111,19 @@ def load_images(files: Sequence[str | os.PathLike[str]], pre: Preprocess) -> lis
     return out
 
 
+def sample_tokens(path: Path, sidecar: Sidecar) -> list[list[int]]:
+    """A text encoder's input: ``SAMPLE_CAPTIONS`` through the tokenizer its sidecar names, [N][L] ids."""
+    from ..text import SAMPLE_CAPTIONS, Tokenizer
+
+    text = sidecar.text
+    assert text is not None  # read_sidecar requires it of a text encoder
+    if text.tokenizer != "openai-clip-bpe":
+        raise UserError(
+            f"{path}: its sidecar names tokenizer {text.tokenizer!r}; this bench has openai-clip-bpe"
+        )
+    return Tokenizer(text.context_length)(SAMPLE_CAPTIONS).tokens.tolist()
+
+
 def check_image_input(path: Path, shape: Sequence[int], pre: Preprocess, pre_source: str) -> None:
     """Images become [1, 3, size, size]: refuse a model whose input is anything else, before any work."""
     want = [1, 3, pre.size, pre.size]
@@ -190,6 +203,7 @@ class HostInputs:
     pre: Preprocess
     image_files: list[Path]
     images_dir: str | None
+    tokens: list[list[int]] = field(default_factory=list)  # a text encoder's input rows (sample captions)
     eager: Any = None  # the eager model, for routing (None where unknown or not needed)
     model_name: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -226,6 +240,11 @@ def _read_inputs(
         from ..checkpoint import load_model
 
         eager, meta = load_model(ckpt)
+        if fmt == "safetensors" and getattr(eager, "is_image_text", False):
+            raise UserError(
+                f"{path}: an image-text model takes images and captions together; export its zero-shot "
+                "classifier or text encoder (`mobile-vmoe export --part image|text`) and bench that"
+            )
 
     if fmt == "safetensors":
         pre, pre_source = meta.preprocess, f"from the model file {path}"
@@ -242,7 +261,10 @@ def _read_inputs(
         else:
             pre = Preprocess(size=int(shape[-1]), resize=int(shape[-1]))
             pre_source = "resized to its input size: no sidecar"
+    tokens = sample_tokens(path, sidecar) if sidecar is not None and sidecar.takes_tokens else []
     if image_files:
+        if tokens:
+            raise UserError(f"{path}: a text encoder takes tokens, not images: bench it without --images")
         check_image_input(path, shape, pre, pre_source)
     return HostInputs(
         path=path,
@@ -253,6 +275,7 @@ def _read_inputs(
         pre=pre,
         image_files=image_files,
         images_dir=str(images) if image_files else None,
+        tokens=tokens,
         eager=eager,
         model_name=(meta.model if meta is not None else None) or (sidecar.model if sidecar else None),
         notes=notes,
@@ -299,8 +322,8 @@ def _document(inp: HostInputs, m: Measurement, warmup: int, iterations: int, iso
         "precision": precision,
         "input": {
             "shape": inp.shape,
-            "dtype": "float32",
-            "source": "images" if inp.image_files else "random",
+            "dtype": "int64" if inp.tokens else "float32",
+            "source": "images" if inp.image_files else "tokens" if inp.tokens else "random",
             "images": {"dir": inp.images_dir, "count": len(inp.image_files)} if inp.image_files else None,
             "preprocess": inp.pre.to_dict() if inp.image_files else None,
         },
@@ -346,6 +369,7 @@ def bench(
         iterations=int(iterations),
         threads=threads,
         images=[str(f) for f in inp.image_files],
+        tokens=inp.tokens,
         preprocess=inp.pre.to_dict() if inp.image_files else None,
     )
     m = measure(spec, isolate=isolate, desc=f"bench {inp.path.name}")

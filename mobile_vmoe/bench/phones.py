@@ -367,6 +367,8 @@ def _phone_inputs(
     sidecar_path, sidecar = checked_sidecar(path)
     image_files = list_images(images)[:iterations] if images is not None else []
     if image_files:
+        if sidecar is not None and sidecar.takes_tokens:
+            raise UserError(f"{path}: a text encoder takes tokens, not images: bench it without --images")
         if sidecar is None:
             raise UserError(
                 f"{path}: --images on a phone needs the export sidecar {sidecar_name(path)} beside it: the "

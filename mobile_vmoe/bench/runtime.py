@@ -68,6 +68,7 @@ class MeasureSpec:
     images: list[str] = field(
         default_factory=list
     )  # iteration i runs on image i mod N; [] = one random input
+    tokens: list[list[int]] = field(default_factory=list)  # a text encoder: iteration i on row i mod N
     preprocess: dict[str, Any] | None = None  # Preprocess.to_dict() for the images
 
 
@@ -323,7 +324,9 @@ def _measure(spec: MeasureSpec, progress: Callable[[int, int], None] | None = No
 
     Inputs (random or decoded images) are prepared before the peak-RSS reset, so they are not counted.
     """
-    if spec.images:
+    if spec.tokens:
+        arrays = [np.asarray([row], dtype=np.int64) for row in spec.tokens]
+    elif spec.images:
         from .host import load_images
 
         pre = Preprocess.from_dict(spec.preprocess, "bench spec: preprocess")
@@ -338,7 +341,7 @@ def _measure(spec: MeasureSpec, progress: Callable[[int, int], None] | None = No
     except Exception as e:  # e.g. an input the program does not take
         raise UserError(
             f"{spec.path}: {loaded.runtime['name']} could not run the {RUNTIME_NAMES[spec.format]} on a "
-            f"{list(np.shape(arrays[0]))} float32 input ({e})"
+            f"{list(np.shape(arrays[0]))} {arrays[0].dtype} input ({e})"
         ) from None
     first = _ms(t0, time.perf_counter_ns())
     thermal_before = host_thermal()

@@ -8,8 +8,17 @@ quantization, Core ML structure, versions, timings) is kept as ``details`` for p
     sha256, file_size_bytes   what the artifact was when exported: bench refuses an artifact that differs
     model, model_kwargs       timm name and kwargs of the exported model
     checkpoint        the eager model file it came from (absolute; null for random weights)
-    class_names       [C]
-    input_shape       [1, 3, H, W]
+    kind              "classifier" (image -> logits [1, C]), "zero_shot_classifier" (an image-text model's image
+                      path with its class-prompt embeddings baked in: image -> logits [1, C]) or "text_encoder"
+                      (an image-text model's text path: tokens -> normalised embedding [1, P])
+    class_names       [C] (a text encoder: the checkpoint's, for reference)
+    input_shape       [1, 3, H, W]; a text encoder: [1, L]
+    input_dtype       "float32" (images); "int64" (a text encoder's tokens)
+    text              a text encoder's input (TextInput): tokenizer "openai-clip-bpe", context_length L,
+                      pad_id, sot_id, eot_id, vocab_size; null otherwise
+    prompt_templates  zero-shot classifier: the templates its class embeddings average over ("a photo of the {}.")
+    embed_dim         image-text models: P, the joint embedding width
+    logit_scale       image-text models: the learned temperature (logits = logit_scale * cosine)
     preprocess        the model file's Preprocess (mobile_vmoe.preprocess): what an app must do to an image
     routing           {E, K, L, ...} for a MoE, null for a dense model (mobile_vmoe.bench.schema's keys)
     precision         "fp32", "int8", "fp16", ...
@@ -20,21 +29,56 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..common import UserError, read_json, write_json_atomic
 from ..preprocess import Preprocess
 
-__all__ = ["Sidecar", "artifact_digest", "find_sidecar", "read_sidecar", "sidecar_path", "write_sidecar"]
+__all__ = [
+    "KINDS",
+    "Sidecar",
+    "TextInput",
+    "artifact_digest",
+    "find_sidecar",
+    "read_sidecar",
+    "sidecar_path",
+    "write_sidecar",
+]
 
 VERSION = 2
 _TYPED = (
     "sidecar_version", "format", "artifact", "sha256", "file_size_bytes", "model", "model_kwargs", "checkpoint",
-    "random_weights", "class_names", "input_shape", "preprocess", "routing", "precision", "expert_dispatch",
-    "expert_dispatch_reason",
+    "random_weights", "kind", "class_names", "input_shape", "input_dtype", "preprocess", "text", "prompt_templates",
+    "embed_dim", "logit_scale", "routing", "precision", "expert_dispatch", "expert_dispatch_reason",
 )  # fmt: skip
+KINDS = ("classifier", "zero_shot_classifier", "text_encoder")
+INPUT_DTYPES = {"classifier": "float32", "zero_shot_classifier": "float32", "text_encoder": "int64"}
+
+
+@dataclass
+class TextInput:
+    """What an app feeds a text encoder: its captions through ``tokenizer``, [SOT, ids..., EOT] padded with
+    ``pad_id`` to ``context_length`` (cut to end in EOT when longer), as int64 [1, L]."""
+
+    tokenizer: str  # "openai-clip-bpe": open_clip's SimpleTokenizer (CLIP's lower-cased byte-level BPE)
+    context_length: int
+    pad_id: int
+    sot_id: int
+    eot_id: int
+    vocab_size: int
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> TextInput:
+        names = [f.name for f in fields(cls)]
+        if not isinstance(obj, dict) or not all(k in obj for k in names):
+            raise UserError(f"{where}: field 'text' must be an object with {', '.join(names)}; got {obj!r}")
+        if not isinstance(obj["tokenizer"], str) or not all(
+            isinstance(obj[k], int) and obj[k] >= 0 for k in names[1:]
+        ):
+            raise UserError(f"{where}: field 'text' has a value of the wrong type ({obj!r})")
+        return cls(**{k: obj[k] for k in names})
 
 
 @dataclass
@@ -48,6 +92,12 @@ class Sidecar:
     preprocess: Preprocess
     precision: str
     routing: dict[str, Any] | None = None
+    kind: str = "classifier"
+    input_dtype: str = "float32"
+    text: TextInput | None = None
+    prompt_templates: list[str] = field(default_factory=list)
+    embed_dim: int | None = None
+    logit_scale: float | None = None
     checkpoint: str | None = None
     random_weights: bool = False
     expert_dispatch: str | None = None
@@ -60,11 +110,16 @@ class Sidecar:
     def is_moe(self) -> bool:
         return self.routing is not None
 
+    @property
+    def takes_tokens(self) -> bool:
+        """A text encoder: its input is int64 tokens [1, L], not an image."""
+        return self.kind == "text_encoder"
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"sidecar_version": VERSION}
         for k in _TYPED[1:]:
             v = getattr(self, k)
-            d[k] = v.to_dict() if isinstance(v, Preprocess) else v
+            d[k] = v.to_dict() if isinstance(v, Preprocess) else asdict(v) if isinstance(v, TextInput) else v
         return {**d, **self.details}
 
     def check_artifact(self, path: str | os.PathLike[str], sidecar_file: str | os.PathLike[str]) -> None:
@@ -123,14 +178,24 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
         return v
 
     fmt = need("format", str)
+    kind = obj.get("kind", "classifier")
+    if kind not in KINDS:
+        raise UserError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+    text = TextInput.from_dict(obj.get("text"), where) if kind == "text_encoder" else None
     if "input_shape" in obj:
         shape = need("input_shape", list)
     else:  # sidecar version 1
         shape = (obj.get("input") or {}).get("shape") if isinstance(obj.get("input"), dict) else None
         if not isinstance(shape, list):
             raise UserError(f"{where}: field 'input_shape' (or input.shape) is missing")
-    if not (len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise UserError(f"{where}: field 'input_shape' must be [1, 3, H, W], got {shape!r}")
+    want = "[1, L]" if text is not None else "[1, 3, H, W]"
+    if not (
+        len(shape) == (2 if text is not None else 4) and all(isinstance(s, int) and s > 0 for s in shape)
+    ) or (text is not None and shape[1] != text.context_length):
+        raise UserError(f"{where}: field 'input_shape' must be {want}, got {shape!r}")
+    templates = obj.get("prompt_templates") or []
+    if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+        raise UserError(f"{where}: field 'prompt_templates' must be a list of strings, got {templates!r}")
     pre = obj.get("preprocess")
     if isinstance(pre, dict) and "size" in pre:
         preprocess = Preprocess.from_dict(pre, f"{where}: field 'preprocess'")
@@ -155,6 +220,12 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
         preprocess=preprocess,
         precision=str(obj.get("precision") or "fp32"),
         routing=routing,
+        kind=kind,
+        input_dtype=INPUT_DTYPES[kind],
+        text=text,
+        prompt_templates=list(templates),
+        embed_dim=obj["embed_dim"] if isinstance(obj.get("embed_dim"), int) else None,
+        logit_scale=float(obj["logit_scale"]) if isinstance(obj.get("logit_scale"), (int, float)) else None,
         checkpoint=obj.get("checkpoint") if isinstance(obj.get("checkpoint"), str) else None,
         random_weights=bool(obj.get("random_weights", False)),
         expert_dispatch=obj.get("expert_dispatch"),

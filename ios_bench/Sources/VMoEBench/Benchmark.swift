@@ -163,6 +163,31 @@ func makeMultiArray(_ values: [Float], shape: [NSNumber], dataType: MLMultiArray
     return array
 }
 
+/// A text encoder's token ids (the sidecar's `text`, kind "text_encoder"): its input is one caption of the full
+/// context, [SOT, "a" ..., EOT] (latency does not depend on the words: every shape is static).
+struct TextIds {
+    static let filler = 320  // "a" in CLIP's BPE vocabulary
+    let sot: Int
+    let eot: Int
+
+    /// nil when there is no sidecar or it describes an image model.
+    static func fromSidecar(_ url: URL?) throws -> TextIds? {
+        guard let url = url else { return nil }
+        let obj = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as? [String: Any]
+        guard obj?["kind"] as? String == "text_encoder" else { return nil }
+        guard let text = obj?["text"] as? [String: Any], let sot = text["sot_id"] as? Int,
+            let eot = text["eot_id"] as? Int
+        else {
+            throw BenchError.badSidecar("\(url.path): a text encoder's sidecar needs text.sot_id and text.eot_id")
+        }
+        return TextIds(sot: sot, eot: eot)
+    }
+
+    func caption(length: Int) -> [Float] {
+        (0..<length).map { Float($0 == 0 ? sot : $0 == length - 1 ? eot : TextIds.filler) }
+    }
+}
+
 /// The images of `config` preprocessed as the sidecar says (resize the shorter side, centre crop, normalise), or
 /// one random input. A Core ML image input takes the cropped 8-bit pixels: the model's own scale and bias normalise.
 func prepareInputs(_ model: MLModel, _ config: BenchConfig) throws -> PreparedInputs {
@@ -206,6 +231,16 @@ func prepareInputs(_ model: MLModel, _ config: BenchConfig) throws -> PreparedIn
     guard let c = entry.value.multiArrayConstraint else { throw BenchError.unsupportedInput("\(entry.key)") }
     let shape = c.shape.map { $0.intValue }
     var arrays: [MLMultiArray] = []
+    if let ids = try TextIds.fromSidecar(config.sidecarURL) {
+        guard pre == nil else { throw BenchError.inputMismatch("a text encoder takes tokens, not images") }
+        guard shape.count == 2, c.dataType == .int32 else {
+            throw BenchError.inputMismatch("a text encoder's input must be int32 [1, L], got \(shape)")
+        }
+        let tokens = try makeMultiArray(ids.caption(length: shape[1]), shape: c.shape, dataType: c.dataType)
+        return PreparedInputs(
+            features: [try feature(MLFeatureValue(multiArray: tokens))],
+            info: InputInfo(shape: shape, dtype: "int32", source: "tokens", images: nil, preprocess: nil))
+    }
     if let pre = pre {
         guard shape.count == 4, shape[1] == 3, shape[2] == pre.size, shape[3] == pre.size else {
             throw BenchError.inputMismatch(

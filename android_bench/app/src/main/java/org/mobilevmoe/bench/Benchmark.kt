@@ -38,6 +38,16 @@ class PreparedInputs(val values: List<EValue>, val info: JSONObject)
 fun prepareInputs(config: BenchConfig): PreparedInputs {
     val info = JSONObject().put("shape", JSONArray(config.shape.toList())).put("dtype", "float32")
     val imagesDir = config.imagesDir
+    val text = config.sidecarPath?.let { TextIds.fromSidecar(File(it)) }
+    if (text != null) {
+        require(imagesDir == null) { "a text encoder takes tokens, not images" }
+        val s = config.shape
+        require(s.size == 2) { "a text encoder's input is [1, L], got ${s.toList()}" }
+        val input = EValue.from(Tensor.fromBlob(text.caption(s[1].toInt()), s))
+        info.put("dtype", "int64").put("source", "tokens").put("images", JSONObject.NULL)
+            .put("preprocess", JSONObject.NULL)
+        return PreparedInputs(listOf(input), info)
+    }
     if (imagesDir == null) {
         val numel = config.shape.fold(1L) { acc, d -> acc * d }.toInt()
         val rng = Random(0)
@@ -59,6 +69,28 @@ fun prepareInputs(config: BenchConfig): PreparedInputs {
         .put("images", JSONObject().put("dir", imagesDir).put("count", files.size))
         .put("preprocess", pre.toJson())
     return PreparedInputs(values, info)
+}
+
+/**
+ * A text encoder's token ids (the sidecar's `text`, kind "text_encoder"): its input is one caption of the full
+ * context, [SOT, "a" ..., EOT] (latency does not depend on the words: every shape is static).
+ */
+data class TextIds(val sot: Long, val eot: Long) {
+    companion object {
+        const val FILLER = 320L // "a" in CLIP's BPE vocabulary
+
+        /** null for an image model's sidecar. */
+        fun fromSidecar(file: File): TextIds? {
+            val obj = JSONObject(file.readText())
+            if (obj.optString("kind") != "text_encoder") return null
+            val text = requireNotNull(obj.optJSONObject("text")) {
+                "${file.path}: a text encoder's sidecar needs text.sot_id and text.eot_id"
+            }
+            return TextIds(text.getLong("sot_id"), text.getLong("eot_id"))
+        }
+    }
+
+    fun caption(length: Int): LongArray = LongArray(length) { if (it == 0) sot else if (it == length - 1) eot else FILLER }
 }
 
 /** Same conventions as mobile_vmoe.bench.latency_stats (numpy linear percentiles, ddof = 0 std). */

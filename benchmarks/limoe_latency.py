@@ -1,0 +1,105 @@
+"""Latency of exported LIMoE zero-shot classifiers against the dense one-tower and two-tower models, batch 1, on
+this host, measured side by side in one run.
+
+The zero-shot classifier export (``export/image_text.py``: the image path and C = 1000 class embeddings baked in)
+of LIMoE (``mobile_limoe_*``: E=8, top-1 per-token routing in every other block, BPR, capacity ratio 1.05, in its
+export form ``export/token.py``), the dense one-tower model (``mobile_onetower_*``) and the dense two-tower CLIP
+(``mobile_clip_*``), through the ExecuTorch runtime (XNNPACK) and ONNX Runtime:
+    (a) LIMoE / one-tower                                   goal <= 1.10
+    (b) LIMoE / two-tower CLIP                              for information (same image tower as one-tower)
+    (c) text encoder (``--part text``), LIMoE / one-tower   for information (captions of the full context)
+Weights are random (latency does not depend on them; the routing's buffers have a fixed size), and so are the
+class embeddings. Models of one runtime run in interleaved rounds, each runtime in a process of its own.
+
+    python benchmarks/limoe_latency.py            # tiny 224 px: lowering takes ~1 min per model
+    python benchmarks/limoe_latency.py --quick    # nano models at 32 px, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import Goal, Ratio, build, num_rounds, print_medians, print_ratios, time_runtimes, timing_args
+from mobile_vmoe.export.image_text import TextEncoder, ZeroShotClassifier
+from mobile_vmoe.export.onnx_export import export_onnx
+from mobile_vmoe.export.pte import lower_pte
+from mobile_vmoe.export.token import for_export
+
+from mobile_vmoe.text import SAMPLE_CAPTIONS, Tokenizer
+
+NUM_CLASSES = 1000  # ImageNet's zero-shot head
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    timing_args(ap, rounds=60, quick_rounds=10)
+    ap.add_argument("--no-text", action="store_true", help="skip the text encoders (c)")
+    args = ap.parse_args()
+    rounds = num_rounds(args)
+    size = "nano_patch8_32" if args.quick else "tiny_patch16_224"
+    names = {
+        "limoe": f"mobile_limoe_{size}",
+        "onetower": f"mobile_onetower_{size}",
+        "clip": f"mobile_clip_{size}",
+    }
+    towers = {key: build(name) for key, name in names.items()}
+    P = towers["limoe"].embed_dim
+    class_embeds = F.normalize(
+        torch.randn(NUM_CLASSES, P, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+
+    def export_form(part: torch.nn.Module) -> torch.nn.Module:
+        return for_export(part) if part.is_moe else part.eval()
+
+    images = {key: export_form(ZeroShotClassifier(m, class_embeds)) for key, m in towers.items()}
+    texts = {} if args.no_text else {k: export_form(TextEncoder(towers[k])) for k in ("limoe", "onetower")}
+    H, W = towers["limoe"].patch_embed.img_size
+    x = torch.randn(1, 3, H, W)
+    L = towers["limoe"].context_length
+    tokens = Tokenizer(L)([SAMPLE_CAPTIONS[5]]).tokens  # the longest sample caption: the full context
+
+    paths: dict[str, Path] = {}
+    text_paths: dict[str, Path] = {}
+
+    def lower(
+        fmt: str, key: str, model: torch.nn.Module, example: torch.Tensor, into: dict[str, Path]
+    ) -> None:
+        t0 = time.perf_counter()
+        path = into[f"{fmt}/{key}"] = Path(tmp) / f"{key}.{fmt}"
+        if fmt == "pte":
+            path.write_bytes(lower_pte(model, example)[0])
+        else:
+            export_onnx(model, example, path)
+        print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="limoe-latency-") as tmp:
+        for fmt in ("pte", "onnx"):
+            for key, m in images.items():
+                lower(fmt, key, m, x, paths)
+            for key, m in texts.items():
+                lower(fmt, f"{key}_text", m, tokens, text_paths)
+        samples = time_runtimes(paths, x, rounds, args)
+        if text_paths:
+            samples.update(time_runtimes(text_paths, tokens, rounds, args))
+
+    print_medians(
+        f"zero-shot classifiers ({NUM_CLASSES} classes) of {size}, batch 1, {rounds} rounds", samples
+    )
+    rows = []
+    for rt in ("pte", "onnx"):
+        rows += [
+            Ratio("a", "LIMoE / one-tower (zero-shot classifier)", rt, "limoe", "onetower", Goal(1.10)),
+            Ratio("b", "LIMoE / two-tower CLIP (zero-shot classifier)", rt, "limoe", "clip"),
+        ]
+        if texts:
+            rows.append(Ratio("c", "LIMoE / one-tower (text encoder)", rt, "limoe_text", "onetower_text"))
+    print_ratios(rows, samples, args.iters)
+
+
+if __name__ == "__main__":
+    main()
