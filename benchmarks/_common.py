@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import timm
@@ -33,6 +33,7 @@ __all__ = [
     "Goal",
     "Ratio",
     "build",
+    "lower_artifact",
     "num_rounds",
     "planted_confusion",
     "print_medians",
@@ -73,6 +74,22 @@ def build(name: str, **kwargs: object) -> torch.nn.Module:
     """An eval-mode timm model with seeded random weights (latency does not depend on them)."""
     torch.manual_seed(0)
     return timm.create_model(name, **kwargs).eval()
+
+
+def lower_artifact(
+    fmt: str, path: Path, model: torch.nn.Module, example: torch.Tensor, **pte_kwargs: Any
+) -> Path:
+    """``model`` lowered to ``path`` (``.pte`` through export's ``lower_pte``, else ``.onnx``), its time printed."""
+    from mobile_vmoe.export.onnx_export import export_onnx
+    from mobile_vmoe.export.pte import lower_pte
+
+    t0 = time.perf_counter()
+    if fmt == "pte":
+        path.write_bytes(lower_pte(model, example, **pte_kwargs)[0])
+    else:
+        export_onnx(model, example, path)
+    print(f"lowered {fmt} {path.stem} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
 
 
 def timing_args(ap: argparse.ArgumentParser, rounds: int, quick_rounds: int) -> None:

@@ -22,7 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-from _common import Goal, Ratio, build, num_rounds, print_medians, print_ratios, time_runtimes, timing_args
+from _common import (
+    Goal,
+    Ratio,
+    build,
+    lower_artifact,
+    num_rounds,
+    print_medians,
+    print_ratios,
+    time_runtimes,
+    timing_args,
+)
 from mobile_vmoe.export.onnx_export import export_onnx
 from mobile_vmoe.export.pte import INT8_SCHEMES, lower_pte
 
@@ -53,13 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="export-latency-") as tmp:
         for key, m in models.items():
             for fmt in ("pte", "onnx"):
-                t0 = time.perf_counter()
-                path = paths[f"{fmt}/{key}"] = Path(tmp) / f"{key}.{fmt}"
-                if fmt == "pte":
-                    path.write_bytes(lower_pte(m, x)[0])
-                else:
-                    export_onnx(m, x, path)
-                print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+                paths[f"{fmt}/{key}"] = lower_artifact(fmt, Path(tmp) / f"{key}.{fmt}", m, x)
         # "int8" (dynamic, transformer linears), "int8-static" (calibrated, linear + conv), fp32 without the
         # XNNPACK rewrite, and fp32 with the gather form instead of the expert switch (export/switch.py).
         variants = [(f"moe_e10_{scheme}", scheme, True, True) for scheme in INT8_SCHEMES]

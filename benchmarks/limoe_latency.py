@@ -19,15 +19,22 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import Goal, Ratio, build, num_rounds, print_medians, print_ratios, time_runtimes, timing_args
+from _common import (
+    Goal,
+    Ratio,
+    build,
+    lower_artifact,
+    num_rounds,
+    print_medians,
+    print_ratios,
+    time_runtimes,
+    timing_args,
+)
 from mobile_vmoe.export.image_text import TextEncoder, ZeroShotClassifier
-from mobile_vmoe.export.onnx_export import export_onnx
-from mobile_vmoe.export.pte import lower_pte
 from mobile_vmoe.export.token import for_export
 
 from mobile_vmoe.text import SAMPLE_CAPTIONS, Tokenizer
@@ -69,13 +76,7 @@ def main() -> None:
     def lower(
         fmt: str, key: str, model: torch.nn.Module, example: torch.Tensor, into: dict[str, Path]
     ) -> None:
-        t0 = time.perf_counter()
-        path = into[f"{fmt}/{key}"] = Path(tmp) / f"{key}.{fmt}"
-        if fmt == "pte":
-            path.write_bytes(lower_pte(model, example)[0])
-        else:
-            export_onnx(model, example, path)
-        print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+        into[f"{fmt}/{key}"] = lower_artifact(fmt, Path(tmp) / f"{key}.{fmt}", model, example)
 
     with tempfile.TemporaryDirectory(prefix="limoe-latency-") as tmp:
         for fmt in ("pte", "onnx"):

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _common import Goal, Ratio, build, num_rounds, print_medians, print_ratios, time_runtimes, timing_args
-from mobile_vmoe.export.onnx_export import export_onnx
-from mobile_vmoe.export.pte import lower_pte
+from _common import (
+    Goal,
+    Ratio,
+    build,
+    lower_artifact,
+    num_rounds,
+    print_medians,
+    print_ratios,
+    time_runtimes,
+    timing_args,
+)
 from mobile_vmoe.export.token import for_export
 
 
@@ -56,13 +63,7 @@ def main() -> None:
     paths: dict[str, Path] = {}
 
     def lower(fmt: str, key: str, model: torch.nn.Module, quantize: str | None = None) -> None:
-        t0 = time.perf_counter()
-        path = paths[f"{fmt}/{key}"] = Path(tmp) / f"{key}.{fmt}"
-        if fmt == "pte":
-            path.write_bytes(lower_pte(model, x, quantize)[0])
-        else:
-            export_onnx(model, x, path)
-        print(f"lowered {fmt} {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+        paths[f"{fmt}/{key}"] = lower_artifact(fmt, Path(tmp) / f"{key}.{fmt}", model, x, quantize=quantize)
 
     with tempfile.TemporaryDirectory(prefix="token-export-latency-") as tmp:
         for key, m in models.items():

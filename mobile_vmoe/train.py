@@ -77,6 +77,7 @@ from .train_setup import (
     epoch_loader,
     init_process_group,
     make_env,
+    optimizer_step,
     prepare_data,
     reseed,
     wrap_model,
@@ -106,21 +107,7 @@ def train_step(
     with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits, routing = fwd(images)
     loss, parts = objective(logits, routing, targets)
-    if zero_batch:
-        loss = loss * 0.0
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(fwd.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(fwd.parameters(), clip_grad)
-        optimizer.step()
+    optimizer_step(fwd, optimizer, loss, scaler, clip_grad, zero_batch)
     return parts
 
 
@@ -179,7 +166,7 @@ def train(cfg: Config) -> Path:
             bar = tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
                        disable=None if env.main else True)  # fmt: skip
             # the epoch's batches from `step` on; iter() draws a seed from the global RNG: re-seed after it
-            batches = iter(epoch_loader(cfg, loaders, data, env, step))
+            batches = iter(epoch_loader(cfg, loaders, data.steps_per_epoch, data.batch, env, step))
             reseed(cfg.seed, env.rank, step)
             for images, targets, n_bad in batches:
                 sums.skip(n_bad)

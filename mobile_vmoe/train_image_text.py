@@ -51,7 +51,17 @@ from .preprocess import Preprocess
 from .text import Tokenizer
 from .train_metrics import EpochSums, MetricsLog, Window
 from .train_run import check_out, check_run_dir, locked, newest_checkpoint, save_checkpoint, write_run_files
-from .train_setup import Env, Recipe, build_recipe, init_process_group, make_env, reseed, wrap_model
+from .train_setup import (
+    Env,
+    Recipe,
+    build_recipe,
+    epoch_loader,
+    init_process_group,
+    make_env,
+    optimizer_step,
+    reseed,
+    wrap_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,20 +240,6 @@ def _loaders(cfg: Config, data: CaptionData, pre: Preprocess, tokenizer: Tokeniz
     return _Loaders(train, sampler, val)
 
 
-def _epoch_batches(cfg: Config, loaders: _Loaders, data: CaptionData, env: Env, step: int) -> Any:
-    """The batches of the epoch holding ``step``, from that step on (the order depends on (seed, epoch))."""
-    epoch, b0 = divmod(step, data.steps_per_epoch)
-    loaders.sampler.set_epoch(epoch)
-    order, B = list(loaders.sampler), data.batch
-    return torch.utils.data.DataLoader(
-        loaders.train,
-        batch_sampler=[order[i * B : (i + 1) * B] for i in range(b0, data.steps_per_epoch)],
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate_image_text,
-        pin_memory=env.device.type == "cuda",
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # A step
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,21 +261,7 @@ def train_step(
     with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         out, routings = fwd(images, tokens)
     loss, parts = objective(out, routings)
-    if zero_batch:
-        loss = loss * 0.0
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(fwd.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(fwd.parameters(), clip_grad)
-        optimizer.step()
+    optimizer_step(fwd, optimizer, loss, scaler, clip_grad, zero_batch)
     return parts
 
 
@@ -370,7 +352,9 @@ def _epoch(r: _Run, step: int, resumed_sums: Any) -> int:
     spe, total, every = data.steps_per_epoch, data.total_steps, cfg.checkpoint.every_n_steps
     sums = EpochSums(0, resumed_sums if env.main and step % spe else None)
     window = Window()
-    batches = iter(_epoch_batches(cfg, r.loaders, data, env, step))
+    batches = iter(
+        epoch_loader(cfg, r.loaders, data.steps_per_epoch, data.batch, env, step, collate_image_text)
+    )
     reseed(cfg.seed, env.rank, step)  # iter() drew a seed from the global RNG
     for images, tokens, n_bad in batches:
         sums.skip(n_bad)

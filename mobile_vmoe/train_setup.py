@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,6 +44,7 @@ __all__ = [
     "build_loaders",
     "build_recipe",
     "epoch_loader",
+    "optimizer_step",
     "init_process_group",
     "wrap_model",
     "reseed",
@@ -367,23 +369,56 @@ def build_loaders(cfg: Config, data: Data, pre: Preprocess, env: Env) -> Loaders
 
 
 def epoch_loader(
-    cfg: Config, loaders: Loaders, data: Data, env: Env, step: int
+    cfg: Config,
+    loaders: Any,
+    steps_per_epoch: int,
+    batch: int,
+    env: Env,
+    step: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> torch.utils.data.DataLoader:
     """The batches of the epoch holding ``step``, from that step on: the epoch's order depends only on
-    (seed, epoch), so a run resumed mid-epoch sees the images it would have seen."""
+    (seed, epoch), so a run resumed mid-epoch sees the images it would have seen. ``loaders`` has ``train``
+    and a ``sampler``; ``collate_fn`` defaults to the classifier's (bad images skipped)."""
     from .data import collate_skip_bad
 
-    epoch, b0 = divmod(step, data.steps_per_epoch)
+    epoch, b0 = divmod(step, steps_per_epoch)
     loaders.sampler.set_epoch(epoch)
     order = list(loaders.sampler)
-    B = data.batch
     return torch.utils.data.DataLoader(
         loaders.train,
-        batch_sampler=[order[i * B : (i + 1) * B] for i in range(b0, data.steps_per_epoch)],
+        batch_sampler=[order[i * batch : (i + 1) * batch] for i in range(b0, steps_per_epoch)],
         num_workers=cfg.data.num_workers,
-        collate_fn=collate_skip_bad,
+        collate_fn=collate_fn or collate_skip_bad,
         pin_memory=env.device.type == "cuda",
     )
+
+
+def optimizer_step(
+    fwd: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    scaler: Any = None,
+    clip_grad: float | None = None,
+    zero_batch: bool = False,
+) -> None:
+    """Backward and step, with the AMP scaler and gradient clipping when set. ``zero_batch``: this rank has no
+    sample but DDP peers do: the loss counts zero, so the gradient all-reduce still happens."""
+    if zero_batch:
+        loss = loss * 0.0
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(fwd.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(fwd.parameters(), clip_grad)
+        optimizer.step()
 
 
 @dataclass
