@@ -45,10 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import MODEL_FILE, save_model
 from .common import UserError
 from .config import Config, config_to_dict, load_config
 from .evaluate import eval_counts, summarize_counts
@@ -60,6 +58,7 @@ from .train_run import (
     check_out,
     check_run_dir,
     find_checkpoint,
+    finish_run,
     locked,
     newest_checkpoint,
     save_checkpoint,
@@ -214,15 +213,8 @@ def train(cfg: Config) -> Path:
                 save_checkpoint(run, step, model, meta, state, cfg.checkpoint.keep_last)
 
         # ---- final weights -----------------------------------------------------------------------------------
-        meta.train.ema, meta.train.step = recipe.ema is not None, step
-        if env.main:
-            save_model(run / MODEL_FILE, recipe.ema.module if recipe.ema is not None else model, meta)
-            log.info("wrote %s", run / MODEL_FILE)
-        elif cfg.dump_replicas:
-            save_model(run / f"replica_rank{env.rank}.safetensors", model, meta)
-        if env.world > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        finish_run(run, model, recipe.ema.module if recipe.ema is not None else None, meta, env.rank, env.world,
+                   step, cfg.dump_replicas)  # fmt: skip
     return run
 
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .captions import CaptionSet, ImageTextDataset, caption_splits, collate_image_text, read_caption_set
-from .checkpoint import MODEL_FILE, ModelMeta, TrainInfo, save_model
+from .checkpoint import ModelMeta, TrainInfo
 from .common import UserError
 from .config import Config, config_to_dict, model_kwargs
 from .evaluate_image_text import image_text_metrics, pair_loader
@@ -50,7 +50,15 @@ from .models.limoe_losses import ContrastiveObjective
 from .preprocess import Preprocess
 from .text import Tokenizer
 from .train_metrics import EpochSums, MetricsLog, Window
-from .train_run import check_out, check_run_dir, locked, newest_checkpoint, save_checkpoint, write_run_files
+from .train_run import (
+    check_out,
+    check_run_dir,
+    finish_run,
+    locked,
+    newest_checkpoint,
+    save_checkpoint,
+    write_run_files,
+)
 from .train_setup import (
     Env,
     Recipe,
@@ -334,15 +342,8 @@ def train_image_text(cfg: Config) -> Path:
         while step < data.total_steps:
             step = _epoch(r, step, resumed_sums)
             resumed_sums = None
-        meta.train.ema, meta.train.step = recipe.ema is not None, step
-        if env.main:
-            save_model(run / MODEL_FILE, recipe.ema.module if recipe.ema is not None else model, meta)
-            log.info("wrote %s", run / MODEL_FILE)
-        elif cfg.dump_replicas:
-            save_model(run / f"replica_rank{env.rank}.safetensors", model, meta)
-        if env.world > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        finish_run(run, model, recipe.ema.module if recipe.ema is not None else None, meta, env.rank, env.world,
+                   step, cfg.dump_replicas)  # fmt: skip
     return run
 
 

@@ -33,6 +33,7 @@ from .data import Sample
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "finish_run",
     "CKPT_DIR",
     "COMPLETE",
     "CONFIG_FILE",
@@ -237,3 +238,28 @@ def save_checkpoint(
     for old in complete[: max(0, len(complete) - max(1, keep_last))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def finish_run(
+    run: Path,
+    model: nn.Module,
+    ema: nn.Module | None,
+    meta: ModelMeta,
+    rank: int,
+    world: int,
+    step: int,
+    dump_replicas: bool = False,
+) -> None:
+    """RUN/model.safetensors from the main rank (the EMA's weights when there is one: what DeiT reports and
+    deploys), then the process group down. ``dump_replicas``: every other rank writes its own copy (tests)."""
+    import torch.distributed as dist
+
+    meta.train.ema, meta.train.step = ema is not None, step
+    if rank == 0:
+        save_model(run / MODEL_FILE, ema if ema is not None else model, meta)
+        log.info("wrote %s", run / MODEL_FILE)
+    elif dump_replicas:
+        save_model(run / f"replica_rank{rank}.safetensors", model, meta)
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
