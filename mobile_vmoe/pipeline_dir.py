@@ -31,8 +31,8 @@ from .files.stage_marker import StageMarker, marker_path, read_marker
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "StagePlan", "check_config_change", "check_out_dir", "ConfusionSummary", "DataSummary", "EvalSummary", "ExportSummary",
-    "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
+    "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary",
+    "ExportSummary", "StagePlan", "check_config_change", "check_out_dir", "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
     "not_done", "prepare", "read_summary", "wait_for",
 ]  # fmt: skip
 
