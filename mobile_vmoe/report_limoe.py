@@ -122,14 +122,16 @@ def _image_fraction(g: RoutingAnalysis) -> float:
 
 
 def _routing_plot(routings: dict[str, RoutingAnalysis], figdir: Path) -> str:
-    """Rows: models; columns: MoE blocks; per expert (sorted by image share) its image and text shares, stacked."""
+    """Rows: MoE blocks; columns: models (with and without entropy losses side by side); per expert (sorted by
+    image share) the image and text shares of its tokens, stacked."""
     plt = _plt()
     nblocks = max(len(g.blocks) for g in routings.values())
     fig, axes = plt.subplots(
-        len(routings), nblocks, figsize=(3.6 * nblocks, 2.8 * len(routings)), squeeze=False
+        nblocks, len(routings), figsize=(3.8 * len(routings), 2.8 * nblocks), squeeze=False
     )
-    for row, (w, g) in zip(axes, routings.items()):
-        for ax, b in zip(row, g.blocks):
+    for col, (w, g) in enumerate(routings.items()):
+        for row, b in enumerate(g.blocks):
+            ax = axes[row, col]
             img, txt = np.asarray(b.image_tokens, float), np.asarray(b.text_tokens, float)
             share = img / np.maximum(img + txt, 1)
             order = np.argsort(-share, kind="stable")
@@ -142,8 +144,9 @@ def _routing_plot(routings: dict[str, RoutingAnalysis], figdir: Path) -> str:
             ax.set_ylim(0, 1)
             ax.set_title(f"{LABELS[w]}: block {b.block}", fontsize=9)
             ax.set_xlabel("expert (sorted by image share)", fontsize=8)
-        row[0].set_ylabel("share of the expert's tokens")
-        for ax in row[len(g.blocks) :]:
+            if col == 0:
+                ax.set_ylabel("share of the expert's tokens", fontsize=8)
+        for ax in axes[len(g.blocks) :, col]:
             ax.axis("off")
     axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.suptitle(
