@@ -179,6 +179,7 @@ class _LimoePipeline:
         import mobile_vmoe.models  # noqa: F401  (registers the model names)
 
         from .builtin_captions import BUILTIN_CAPTIONS
+        from .captions import is_caption_source
         from .config import model_kwargs
         from .models.names import image_text_models
 
@@ -202,6 +203,11 @@ class _LimoePipeline:
         if spec not in BUILTIN_CAPTIONS and not Path(spec).exists():
             raise UserError(
                 f"--data {spec}: no such caption source (nor a built-in set: {', '.join(BUILTIN_CAPTIONS)})"
+            )
+        if not is_caption_source(spec):
+            raise UserError(
+                f"--data {spec}: not a caption set; an image-text pipeline trains on image-caption pairs: a "
+                ".csv/.tsv table, .tar shards or a folder of them (docs/FILES.md), not an image-classification dataset"
             )
         bad = sorted(set(c.formats) - set(EXT))
         if bad:

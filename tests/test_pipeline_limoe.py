@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from fixtures import image_folder
 
 from mobile_vmoe.bench import validate_result
 from mobile_vmoe.common import UserError
@@ -150,3 +151,11 @@ def test_cli_refuses_a_classifier_stage_and_a_bad_start(tmp_path):
         "onetower_model=mobile_vit_nano_patch8_32",
     )
     assert done.returncode == 2 and "trains no classifier" in done.stderr and not (tmp_path / "o2").exists()
+
+
+def test_a_classifier_dataset_is_refused_before_any_stage(tmp_path):
+    photos = image_folder(tmp_path / "photos", train={"ant": 2, "bee": 2}, val={"ant": 1, "bee": 1})
+    cfg = load_limoe_pipeline_config("limoe_quick", [f"data={photos}"])
+    with pytest.raises(UserError, match=f"--data {photos}: not a caption set.*not an image-classification"):
+        run_limoe_pipeline(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
