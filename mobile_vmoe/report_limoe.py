@@ -58,7 +58,7 @@ def _is_builtin(data_dir: Path) -> bool:
     return f.is_file() and read_json(f).get("name") == "synthetic-captions"
 
 
-def _dataset_section(r: _Run) -> list[str]:
+def _dataset_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
     d = r.stages["data"]
     md = []
     if _is_builtin(Path(d.data_dir)):
@@ -67,6 +67,12 @@ def _dataset_section(r: _Run) -> list[str]:
                "data.", ""]  # fmt: skip
     md += ["## Caption set", "", f"`{d.data_dir}`", "", "| classes (zero-shot) | train pairs | val pairs |",
            "|---:|---:|---:|", f"| {d.num_classes} | {d.train} | {d.val} |", ""]  # fmt: skip
+    sources = sorted({ev.source for ev in evals.values()})
+    if sources:
+        md += [f"Evaluation pairs: `{'`, `'.join(sources)}`.", ""]
+    if not d.val:
+        md += ["> **No val split:** the models are evaluated on the pairs they were trained on; the numbers below "
+               "measure fit, not generalisation (a folder with `train/` and `val/` caption sets has both).", ""]  # fmt: skip
     return md
 
 
@@ -89,7 +95,7 @@ def _models_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
     md = [
         "## Models", "",
         "Same caption set, training recipe, batch, steps and seed; the dense two-tower model is sized for the "
-        "one-tower models' compute per pair. Zero-shot and retrieval on the val pairs; FLOPs per pair: one image "
+        "one-tower models' compute per pair. Zero-shot and retrieval on the evaluation pairs (above); FLOPs per pair: one image "
         "and one full-length caption; latency: the zero-shot classifier (image path) at batch 1 on this host.", "",
         "| model | params | MFLOPs / pair | zero-shot top-1 | top-5 | image→text R@1 | R@5 "
         "| text→image R@1 | R@5 | p50 ms .pte | p50 ms .onnx |",
@@ -163,7 +169,7 @@ def _routing_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
     g0 = next(iter(routings.values()))
     md = [
         "## Routing", "",
-        f"Measured on the val pairs with both modalities routed together, as in training (capacity ratio "
+        f"Measured on the evaluation pairs with both modalities routed together, as in training (capacity ratio "
         f"{g0.capacity_ratio:g}, BPR {'on' if g0.bpr else 'off'}, E={g0.num_experts}). Routing success: share of "
         "routed token choices not dropped at a full expert buffer. Experts used: experts with at least "
         f"{100 * g0.used_threshold:g} % of the modality's kept tokens in a block (mean over blocks).", "",
@@ -224,7 +230,7 @@ def write_limoe_report(out: str | os.PathLike[str]) -> dict[str, Path]:
         {w: read_image_text_eval(f) for w, f in r.stages["eval"].files.items()} if "eval" in r.stages else {}
     )
     md = [f"# LIMoE pipeline report: {r.out.name}", ""]
-    md += _dataset_section(r)
+    md += _dataset_section(r, evals)
     md += _models_section(r, evals)
     md += _routing_section(r, evals)
     md += _favours_section(r, evals)
