@@ -3,6 +3,7 @@
     mobile-vmoe pipeline                                  # built-in demo on generated data (~15 min, 2 cores)
     mobile-vmoe pipeline --preset quick --out runs/quick  # smoke run (< 3 min), no accuracy claim
     mobile-vmoe pipeline --preset imagenet1k_tiny --data /imagenet --out runs/in1k
+    mobile-vmoe pipeline --preset limoe                   # LIMoE and its baselines: mobile_vmoe.pipeline_limoe
 
 Stages (each calls the public entry of the stage module; they talk only through files under OUT):
 

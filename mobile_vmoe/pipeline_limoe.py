@@ -290,6 +290,7 @@ class _LimoePipeline:
         from .files.sidecar import sidecar_path
 
         s = ExportSummary({}, {})
+        (self.out / "export").mkdir(parents=True, exist_ok=True)  # also with formats=[]
         jobs = []
         for which, fmt, part, path in limoe_artifacts(self.cfg, self.out):
             if path.exists() and sidecar_path(path).is_file():
@@ -311,6 +312,7 @@ class _LimoePipeline:
 
         exported = self.summary("export").artifacts
         s = BenchSummary({})
+        (self.out / "bench").mkdir(parents=True, exist_ok=True)  # the marker vouches for it, results or not
         todo = [a.path for a in limoe_artifacts(self.cfg, self.out)
                 if a.format != "coreml" and a.path.name in exported]  # fmt: skip
         for i, path in enumerate(todo, start=1):  # Core ML predicts only on Apple hardware: ios_bench/
