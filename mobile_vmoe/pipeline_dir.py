@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary",
-    "ExportSummary", "StagePlan", "check_config_change", "check_out_dir", "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
+    "ExportSummary", "LIMOE", "LIMOE_MODELS", "LIMOE_STAGES", "LimoeEvalSummary", "StagePlan", "check_config_change",
+    "check_out_dir", "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
     "not_done", "prepare", "read_summary", "wait_for",
 ]  # fmt: skip
 
@@ -124,6 +125,24 @@ class StagePlan(NamedTuple):
 
 
 CLASSIFIER = StagePlan(STAGES, SUMMARIES)
+
+
+# The image-text pipeline (``pipeline_limoe``): LIMoE, LIMoE without entropy losses and the two dense baselines.
+LIMOE_MODELS = ("limoe", "limoe_no_entropy", "onetower", "clip")
+LIMOE_STAGES = ("data", *LIMOE_MODELS, "eval", "export", "bench", "report")
+
+
+@dataclass
+class LimoeEvalSummary:
+    files: dict[str, str]  # model -> its evaluation (files.image_text_eval)
+    zero_shot_top1: dict[str, float | None]  # None: the caption set has no labels or class names
+    image_to_text_r1: dict[str, float]
+
+
+LIMOE = StagePlan(LIMOE_STAGES, {
+    "data": DataSummary, **dict.fromkeys(LIMOE_MODELS, TrainSummary), "eval": LimoeEvalSummary,
+    "export": ExportSummary, "bench": BenchSummary, "report": ReportSummary,
+})  # fmt: skip
 
 
 def _summary(m: StageMarker, plan: StagePlan) -> Any:

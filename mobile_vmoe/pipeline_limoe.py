@@ -39,11 +39,14 @@ from .common import UserError
 from .config import Config, load_config, load_structured
 from .files.stage_marker import StageMarker, write_marker
 from .pipeline_dir import (
+    LIMOE,
+    LIMOE_MODELS,
+    LIMOE_STAGES,
     BenchSummary,
     DataSummary,
     ExportSummary,
+    LimoeEvalSummary,
     ReportSummary,
-    StagePlan,
     TrainSummary,
     check_config_change,
     check_out_dir,
@@ -61,8 +64,9 @@ __all__ = [
 ]  # fmt: skip
 
 IMAGE_TEXT_KIND = "image_text"  # the ``kind`` of an image-text pipeline preset
-MODELS = ("limoe", "limoe_no_entropy", "onetower", "clip")
-STAGES = ("data", *MODELS, "eval", "export", "bench", "report")
+MODELS = LIMOE_MODELS
+STAGES = LIMOE_STAGES
+LIMOE_PLAN = LIMOE  # the stage plan and summaries (pipeline_dir owns the markers)
 EXT = {"pte": ".pte", "coreml": ".mlpackage", "onnx": ".onnx"}
 
 
@@ -95,19 +99,6 @@ FIRST_STAGE = {
     "bench_warmup": "bench", "bench_iterations": "bench", "bench_threads": "bench",
 }  # fmt: skip
 SCHEDULING_KEYS = {"export_workers"}
-
-
-@dataclass
-class LimoeEvalSummary:
-    files: dict[str, str]  # model -> its evaluation (files.image_text_eval)
-    zero_shot_top1: dict[str, float | None]  # None: the caption set has no labels or class names
-    image_to_text_r1: dict[str, float]
-
-
-LIMOE_PLAN = StagePlan(STAGES, {
-    "data": DataSummary, **dict.fromkeys(MODELS, TrainSummary), "eval": LimoeEvalSummary,
-    "export": ExportSummary, "bench": BenchSummary, "report": ReportSummary,
-})  # fmt: skip
 
 
 def is_image_text_pipeline(preset_or_file: str) -> bool:
