@@ -112,6 +112,7 @@ def is_image_text_pipeline(preset_or_file: str) -> bool:
 def load_limoe_pipeline_config(
     preset_or_file: str = "limoe", overrides: list[str] | tuple[str, ...] = ()
 ) -> Any:
+    """An image-text pipeline preset (``limoe``, ``limoe_quick``) or YAML file, then ``key=value`` overrides."""
     return load_structured(LimoePipelineConfig, preset_or_file, overrides, kind="pipeline")
 
 
@@ -198,7 +199,8 @@ class _LimoePipeline:
         if not is_caption_source(spec):
             raise UserError(
                 f"--data {spec}: not a caption set; an image-text pipeline trains on image-caption pairs: a "
-                ".csv/.tsv table, .tar shards or a folder of them (docs/FILES.md), not an image-classification dataset"
+                ".csv/.tsv table, .tar shards or a folder of them (docs/FILES.md), not an image-classification "
+                "dataset"
             )
         bad = sorted(set(c.formats) - set(EXT))
         if bad:

@@ -71,8 +71,9 @@ def _dataset_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
     if sources:
         md += [f"Evaluation pairs: `{'`, `'.join(sources)}`.", ""]
     if not d.val:
-        md += ["> **No val split:** the models are evaluated on the pairs they were trained on; the numbers below "
-               "measure fit, not generalisation (a folder with `train/` and `val/` caption sets has both).", ""]  # fmt: skip
+        md += ["> **No val split:** the models are evaluated on the pairs they were trained on; the numbers "
+               "below measure fit, not generalisation (a folder with `train/` and `val/` caption sets has both).",
+               ""]  # fmt: skip
     return md
 
 
@@ -95,8 +96,9 @@ def _models_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
     md = [
         "## Models", "",
         "Same caption set, training recipe, batch, steps and seed; the dense two-tower model is sized for the "
-        "one-tower models' compute per pair. Zero-shot and retrieval on the evaluation pairs (above); FLOPs per pair: one image "
-        "and one full-length caption; latency: the zero-shot classifier (image path) at batch 1 on this host.", "",
+        "one-tower models' compute per pair. Zero-shot and retrieval on the evaluation pairs (above); FLOPs per "
+        "pair: one image and one full-length caption; latency: the zero-shot classifier (image path) at batch 1 "
+        "on this host.", "",
         "| model | params | MFLOPs / pair | zero-shot top-1 | top-5 | image→text R@1 | R@5 "
         "| text→image R@1 | R@5 | p50 ms .pte | p50 ms .onnx |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -173,7 +175,8 @@ def _routing_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
         f"{g0.capacity_ratio:g}, BPR {'on' if g0.bpr else 'off'}, E={g0.num_experts}). Routing success: share of "
         "routed token choices not dropped at a full expert buffer. Experts used: experts with at least "
         f"{100 * g0.used_threshold:g} % of the modality's kept tokens in a block (mean over blocks).", "",
-        "| model | success image | success text | experts used image | experts used text | image share of tokens |",
+        "| model | success image | success text | experts used image | experts used text "
+        "| image share of tokens |",
         "|---|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for w, g in routings.items():

@@ -76,7 +76,8 @@ def test_limoe_quick_pipeline_end_to_end(tmp_path, caplog):
     md = (out / "report.md").read_text()
     for section in ("Results on generated data", "## Caption set", "## Models", "zero-shot top-1",
                     "MFLOPs / pair", "## Routing", "success image", "## What the data favours",
-                    "## Host latency", "## Artifacts", "LIMoE, no entropy losses", "dense two-tower (CLIP)"):  # fmt: skip
+                    "## Host latency", "## Artifacts", "LIMoE, no entropy losses",
+                    "dense two-tower (CLIP)"):  # fmt: skip
         assert section in md, section
     assert (out / "report_files" / "limoe_routing.png").stat().st_size > 1000
     assert "report_files/limoe_routing.png" in md and "<table>" in (out / "report.html").read_text()
