@@ -174,6 +174,7 @@ class _LimoePipeline:
         from .captions import is_caption_source
         from .config import model_kwargs
         from .models.names import image_text_models
+        from .train_image_text import check_image_text_config
 
         c = self.cfg
         if c.kind != IMAGE_TEXT_KIND:
@@ -187,6 +188,7 @@ class _LimoePipeline:
                     f"pipeline config {which}_model: {tcfg.model!r} is not a registered image-text model; "
                     f"expected {want[which]} (an image-text pipeline trains no classifier)"
                 )
+            check_image_text_config(tcfg)  # the image_text keys of train_overrides
             m = timm.create_model(tcfg.model, **model_kwargs(tcfg))
             kind = "limoe" if m.is_moe else ("clip" if m.two_tower else "onetower")
             if kind != which:

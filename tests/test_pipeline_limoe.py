@@ -128,6 +128,7 @@ def test_presets_dispatch_and_first_stages():
         (["num_verify=0"], "num_verify"),
         (["data=/no/such/captions.csv"], "--data /no/such/captions.csv: no such caption source"),
         (["train_overrides=[schedule.epochz=1]"], "epochz"),
+        (["train_overrides=[image_text.eval_batch_size=0]"], "image_text.eval_batch_size must be >= 1"),
     ],
 )
 def test_bad_config_fails_before_any_stage(tmp_path, overrides, match):
