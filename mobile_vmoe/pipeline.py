@@ -3,6 +3,7 @@
     mobile-vmoe pipeline                                  # built-in demo on generated data (~15 min, 2 cores)
     mobile-vmoe pipeline --preset quick --out runs/quick  # smoke run (< 3 min), no accuracy claim
     mobile-vmoe pipeline --preset imagenet1k_tiny --data /imagenet --out runs/in1k
+    mobile-vmoe pipeline --preset limoe                   # LIMoE and its baselines: mobile_vmoe.pipeline_limoe
 
 Stages (each calls the public entry of the stage module; they talk only through files under OUT):
 
@@ -56,8 +57,6 @@ from .pipeline_config import (
     train_config,
 )
 from .pipeline_dir import (
-    LOCK_FILE,
-    PIPELINE_YAML,
     STAGES,
     BenchSummary,
     ConfusionSummary,
@@ -67,14 +66,16 @@ from .pipeline_dir import (
     ReportSummary,
     SuperclassSummary,
     TrainSummary,
-    changed_keys,
-    is_pipeline_dir,
+    check_config_change,
+    check_out_dir,
     locked,
     not_done,
     prepare,
     read_summary,
     wait_for,
 )
+from .pipeline_limoe import STAGES as LIMOE_STAGES
+from .pipeline_limoe import is_image_text_pipeline, limoe_cli
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +84,6 @@ __all__ = [
 ]  # fmt: skip
 
 MODELS = ("dense", "moe", "vmoe")  # vmoe only when the config names a per-token model
-
-
-def _check_config_change(out: Path, cfg: PipelineConfig, start: str | None) -> None:
-    """A changed config must be redone from the first stage it changes (or earlier)."""
-    changed = [k for k in changed_keys(out, cfg) if k not in SCHEDULING_KEYS]
-    if not changed:
-        return
-    need = min(STAGES.index(FIRST_STAGE.get(k, STAGES[0])) for k in changed)
-    if start is None or STAGES.index(start) > need:
-        raise UserError(
-            f"{out / PIPELINE_YAML}: this run was made with another config (differs in {', '.join(changed)}); "
-            f"pass --from {STAGES[need]} (or an earlier stage) to redo from the first stage it changes, or use "
-            f"another --out"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,20 +381,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike[str], start: str | 
     if p.rank != 0:
         p.run_stages(None)
         return p.out
-    if p.out.exists() and not p.out.is_dir():
-        raise UserError(f"--out {p.out}: exists and is not a directory")
-    if not is_pipeline_dir(p.out):
-        if start is not None:
-            raise UserError(
-                f"--from {start}: {p.out} is not a pipeline directory (no {PIPELINE_YAML}); nothing was deleted"
-            )
-        if p.out.is_dir() and any(c.name != LOCK_FILE for c in p.out.iterdir()):
-            raise UserError(
-                f"--out {p.out}: not empty and not a pipeline directory (no {PIPELINE_YAML}); use a new or "
-                f"empty directory"
-            )
+    check_out_dir(p.out, start)
     with locked(p.out):
-        _check_config_change(p.out, cfg, start)
+        check_config_change(p.out, cfg, start, FIRST_STAGE, SCHEDULING_KEYS)
         p.run_stages(prepare(p.out, cfg, start))
     return p.out
 
@@ -420,7 +396,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike[str], start: str | 
 def _cli(args: argparse.Namespace) -> int:
     if args.config and args.preset:
         raise UserError("pass either --config FILE or --preset NAME, not both")
-    cfg = load_pipeline_config(args.config or args.preset or "default", args.overrides)
+    source = args.config or args.preset or "default"
+    if is_image_text_pipeline(source):  # kind: image_text (LIMoE and its baselines)
+        return limoe_cli(args, source)
+    cfg = load_pipeline_config(source, args.overrides)
     if args.data:
         cfg.data = args.data
     out = Path(args.out or Path("runs") / f"pipeline-{cfg.name}")
@@ -433,13 +412,20 @@ def _cli(args: argparse.Namespace) -> int:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pipeline",
-        help="the whole method: data, dense, super-classes, MoE, eval, export, bench, report",
+        help="the whole method: data, dense, super-classes, MoE, eval, export, bench, report (or, with an "
+        "image-text preset such as limoe: LIMoE and its baselines)",
         description="Run (or resume) every stage into --out. With no arguments: the built-in demo.",
     )
     p.add_argument("--config", default=None, help="pipeline YAML file")
     p.add_argument("--preset", default=None, help=f"pipeline preset ({', '.join(list_presets('pipeline'))})")
-    p.add_argument("--data", default=None, help="ImageFolder dataset directory (e.g. ImageNet-1k)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="ImageFolder dataset directory (e.g. ImageNet-1k); a caption set "
+        "(.csv/.tsv, .tar shards or a folder of them) for an image-text preset",
+    )
     p.add_argument("--out", default=None, help="output directory (default runs/pipeline-<preset>)")
-    p.add_argument("--from", dest="start", choices=STAGES, default=None, help="redo from this stage on")
+    stages = list(dict.fromkeys([*STAGES, *LIMOE_STAGES]))
+    p.add_argument("--from", dest="start", choices=stages, default=None, help="redo from this stage on")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline config overrides")
     p.set_defaults(func=_cli)

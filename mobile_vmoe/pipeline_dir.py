@@ -19,10 +19,10 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .common import UserError, write_text_atomic
 from .config import config_to_dict, dump_yaml
@@ -31,8 +31,9 @@ from .files.stage_marker import StageMarker, marker_path, read_marker
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary", "ExportSummary",
-    "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
+    "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary",
+    "ExportSummary", "LIMOE", "LIMOE_MODELS", "LIMOE_STAGES", "LimoeEvalSummary", "StagePlan",
+    "check_config_change", "check_out_dir", "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
     "not_done", "prepare", "read_summary", "wait_for",
 ]  # fmt: skip
 
@@ -115,18 +116,47 @@ SUMMARIES: dict[str, type] = {
 }  # fmt: skip
 
 
-def _summary(m: StageMarker) -> Any:
+class StagePlan(NamedTuple):
+    """A pipeline's stages in order and each one's summary record (the classifier's, or the image-text one of
+    ``pipeline_limoe``): every function below takes one, the classifier pipeline's by default."""
+
+    stages: tuple[str, ...]
+    summaries: Mapping[str, type]
+
+
+CLASSIFIER = StagePlan(STAGES, SUMMARIES)
+
+
+# The image-text pipeline (``pipeline_limoe``): LIMoE, LIMoE without entropy losses and the two dense baselines.
+LIMOE_MODELS = ("limoe", "limoe_no_entropy", "onetower", "clip")
+LIMOE_STAGES = ("data", *LIMOE_MODELS, "eval", "export", "bench", "report")
+
+
+@dataclass
+class LimoeEvalSummary:
+    files: dict[str, str]  # model -> its evaluation (files.image_text_eval)
+    zero_shot_top1: dict[str, float | None]  # None: the caption set has no labels or class names
+    image_to_text_r1: dict[str, float]
+
+
+LIMOE = StagePlan(LIMOE_STAGES, {
+    "data": DataSummary, **dict.fromkeys(LIMOE_MODELS, TrainSummary), "eval": LimoeEvalSummary,
+    "export": ExportSummary, "bench": BenchSummary, "report": ReportSummary,
+})  # fmt: skip
+
+
+def _summary(m: StageMarker, plan: StagePlan) -> Any:
     """The stage's summary record, or None when the marker predates it (its stage is then redone)."""
-    cls = SUMMARIES[m.stage]
+    cls = plan.summaries[m.stage]
     if set(m.result) != {f.name for f in fields(cls)}:
         return None
     return cls(**m.result)
 
 
-def read_summary(out: str | os.PathLike[str], stage: str) -> Any:
+def read_summary(out: str | os.PathLike[str], stage: str, plan: StagePlan = CLASSIFIER) -> Any:
     """The summary record a finished stage left in its marker, or None if the stage has not finished."""
     m = read_marker(out, stage)
-    return _summary(m) if m is not None else None
+    return _summary(m, plan) if m is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,14 +172,14 @@ def _inside(out: Path, rel: str, where: Path) -> Path:
     return p
 
 
-def not_done(out: Path, stage: str) -> str | None:
+def not_done(out: Path, stage: str, plan: StagePlan = CLASSIFIER) -> str | None:
     """Why ``stage`` is not done (no marker, an old marker, outputs gone), or None when it is."""
     m = read_marker(out, stage)
     if m is None:
         return "no marker"
     for rel in m.outputs:
         _inside(out, rel, marker_path(out, stage))
-    if _summary(m) is None:
+    if _summary(m, plan) is None:
         return "its marker was written by an older mobile-vmoe"
     missing = m.missing_outputs(out)
     if missing:
@@ -199,17 +229,17 @@ def changed_keys(out: Path, cfg: Any) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k))
 
 
-def _check_from(out: Path, start: str) -> None:
+def _check_from(out: Path, start: str, plan: StagePlan) -> None:
     """``--from start``: the earlier stages are done, and no later stage left files a redo could not delete."""
-    i = STAGES.index(start)
-    for stage in STAGES[:i]:
-        why = not_done(out, stage)
+    i = plan.stages.index(start)
+    for stage in plan.stages[:i]:
+        why = not_done(out, stage, plan)
         if why is not None:
             raise UserError(
                 f"--from {start}: needs stage {stage}, but {why} ({marker_path(out, stage)}); "
                 f"run without --from, or with --from {stage}"
             )
-    for stage in STAGES[i:]:
+    for stage in plan.stages[i:]:
         left = [p for p in _default_outputs(out, stage) if p.exists()]
         if read_marker(out, stage) is None and left:
             raise UserError(
@@ -218,19 +248,19 @@ def _check_from(out: Path, start: str) -> None:
             )
 
 
-def prepare(out: Path, cfg: Any, start: str | None) -> str | None:
+def prepare(out: Path, cfg: Any, start: str | None, plan: StagePlan = CLASSIFIER) -> str | None:
     """Check the stages against ``start``, delete what will be redone, write pipeline.yaml. Returns the first
     stage to run (None: every stage is done). The caller holds the lock and has checked the config change."""
     if start is not None:
-        _check_from(out, start)
+        _check_from(out, start, plan)
         first: str | None = start
     else:
-        first = next((s for s in STAGES if not_done(out, s) is not None), None)
-        why = not_done(out, first) if first is not None else None
+        first = next((s for s in plan.stages if not_done(out, s, plan) is not None), None)
+        why = not_done(out, first, plan) if first is not None else None
         if why is not None and why != "no marker":
             log.info("[%s] done before, but %s: redoing it and every later stage", first, why)
     if first is not None:
-        for stage in STAGES[STAGES.index(first) :]:
+        for stage in plan.stages[plan.stages.index(first) :]:
             _forget(out, stage)
     write_text_atomic(out / PIPELINE_YAML, dump_yaml(cfg))
     return first
@@ -238,6 +268,42 @@ def prepare(out: Path, cfg: Any, start: str | None) -> str | None:
 
 def is_pipeline_dir(out: Path) -> bool:
     return (out / PIPELINE_YAML).is_file()
+
+
+def check_out_dir(out: Path, start: str | None) -> None:
+    """OUT is a pipeline directory, or new / empty (then ``--from`` has nothing to redo): before the lock."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if is_pipeline_dir(out):
+        return
+    if start is not None:
+        raise UserError(
+            f"--from {start}: {out} is not a pipeline directory (no {PIPELINE_YAML}); nothing was deleted"
+        )
+    if out.is_dir() and any(c.name != LOCK_FILE for c in out.iterdir()):
+        raise UserError(
+            f"--out {out}: not empty and not a pipeline directory (no {PIPELINE_YAML}); use a new or "
+            f"empty directory"
+        )
+
+
+def check_config_change(
+    out: Path, cfg: Any, start: str | None, first_stage: Mapping[str, str], scheduling: set[str],
+    plan: StagePlan = CLASSIFIER,
+) -> None:  # fmt: skip
+    """A changed config must be redone from the first stage it changes (``first_stage``: key -> stage) or
+    earlier; ``scheduling`` keys change how a stage runs, not what it writes, and never force a redo."""
+    changed = [k for k in changed_keys(out, cfg) if k not in scheduling]
+    if not changed:
+        return
+    stages = plan.stages
+    need = min(stages.index(first_stage.get(k, stages[0])) for k in changed)
+    if start is None or stages.index(start) > need:
+        raise UserError(
+            f"{out / PIPELINE_YAML}: this run was made with another config (differs in {', '.join(changed)}); "
+            f"pass --from {stages[need]} (or an earlier stage) to redo from the first stage it changes, or use "
+            f"another --out"
+        )
 
 
 @contextlib.contextmanager
@@ -265,10 +331,10 @@ def locked(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def wait_for(out: Path, stage: str) -> None:
+def wait_for(out: Path, stage: str, plan: StagePlan = CLASSIFIER) -> None:
     """Ranks > 0 under torchrun wait here while rank 0 runs a single-process stage."""
     t0 = time.monotonic()
-    while not_done(out, stage) is not None:
+    while not_done(out, stage, plan) is not None:
         if time.monotonic() - t0 > RANK0_WAIT_S:
             raise UserError(f"waited 24 h for rank 0 to finish stage {stage} ({marker_path(out, stage)})")
         time.sleep(2)

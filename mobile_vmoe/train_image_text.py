@@ -73,7 +73,14 @@ from .train_setup import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaptionData", "PairForward", "train_image_text", "train_step", "prepare_captions"]
+__all__ = [
+    "CaptionData",
+    "PairForward",
+    "check_image_text_config",
+    "prepare_captions",
+    "train_image_text",
+    "train_step",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,7 +88,7 @@ __all__ = ["CaptionData", "PairForward", "train_image_text", "train_step", "prep
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_config(cfg: Config) -> None:
+def check_image_text_config(cfg: Config) -> None:
     """The image_text keys, before any data is read."""
     it = cfg.image_text
     for key in ("local_entropy_weight", "global_entropy_weight", "global_entropy_experts"):
@@ -314,7 +321,7 @@ class _Run:
 def train_image_text(cfg: Config) -> Path:
     """Train the image-text model ``cfg.model`` on a caption set; returns the run directory."""
     env = make_env(cfg, image_text=True)
-    _check_config(cfg)
+    check_image_text_config(cfg)
     cfg.out = cfg.out or str(Path("runs") / f"{cfg.name}-{cfg.model}")
     run = Path(cfg.out).absolute()
     check_out(run)
