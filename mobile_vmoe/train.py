@@ -115,7 +115,6 @@ def train(cfg: Config) -> Path:
     (LIMoE, CLIP) trains contrastively on a caption set: ``train_image_text``."""
     from tqdm import tqdm
 
-    from .captions import is_caption_source
     from .models.names import image_text_models
 
     if cfg.model in image_text_models():
@@ -124,12 +123,6 @@ def train(cfg: Config) -> Path:
         return train_image_text(cfg)
     # ---- set-up: everything that can be wrong with the input fails here, before any training ----------------
     env = make_env(cfg)  # rank, world size, device, autocast dtype; the checks that need no data
-    if is_caption_source(cfg.data.spec):
-        raise UserError(
-            f"data.spec {cfg.data.spec!r} is a caption set; {cfg.model} is an image classifier and trains on an "
-            "image folder (DIR/train/<class>/...); caption sets train the image-text models (mobile_limoe_*, "
-            "mobile_onetower_*, mobile_clip_*)"
-        )
     cfg.out = cfg.out or str(Path("runs") / f"{cfg.name}-{cfg.model}")
     run = Path(cfg.out).absolute()
     check_out(run)

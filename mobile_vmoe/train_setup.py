@@ -97,6 +97,8 @@ def make_env(cfg: Config, image_text: bool = False) -> Env:
     ``image_text``: the run trains an image-text model (``train_image_text``)."""
     import mobile_vmoe.models  # noqa: F401  (registers the model names)
 
+    from .captions import is_caption_source
+
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg, local_rank)
@@ -121,6 +123,12 @@ def make_env(cfg: Config, image_text: bool = False) -> Env:
     if not cfg.data.spec:
         builtin = "synthetic-captions" if image_text else "synthetic|digits"
         raise UserError(f"no dataset: pass --data DIR or --dataset {builtin} (config key data.spec)")
+    if not image_text and is_caption_source(cfg.data.spec):
+        raise UserError(
+            f"data.spec {cfg.data.spec!r} is a caption set; {cfg.model} is an image classifier and trains on an "
+            "image folder (DIR/train/<class>/...); caption sets train the image-text models (mobile_limoe_*, "
+            "mobile_onetower_*, mobile_clip_*)"
+        )
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     return env
