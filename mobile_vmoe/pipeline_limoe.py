@@ -1,7 +1,7 @@
 """`mobile-vmoe pipeline --preset limoe`: LIMoE and its three baselines, trained, evaluated zero-shot, exported,
 benchmarked and reported in one resumable command.
 
-    mobile-vmoe pipeline --preset limoe                       # built-in caption set (~15 min, 2 cores)
+    mobile-vmoe pipeline --preset limoe                       # built-in caption set (training ~4.5 min alone)
     mobile-vmoe pipeline --preset limoe_quick --out runs/lq   # smoke run (< 3 min), no accuracy claim
     mobile-vmoe pipeline --preset limoe --data captions.csv   # a caption table, shards or a folder of them
 

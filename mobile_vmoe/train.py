@@ -61,6 +61,7 @@ from .train_run import (
     finish_run,
     locked,
     newest_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
     write_run_files,
 )
@@ -253,22 +254,7 @@ def _resume(run: Path, model: nn.Module, recipe: Recipe, data: Data, env: Env) -
     if ck is None:
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", run / CKPT_DIR)
         return 0, None
-    if ck.state.get("steps_per_epoch") != data.steps_per_epoch:
-        raise UserError(
-            f"{ck.dir}: saved with {ck.state.get('steps_per_epoch')} steps per epoch, this config gives "
-            f"{data.steps_per_epoch} (batch size, world size or data changed); cannot resume"
-        )
-    try:  # the files read: a mismatch here is a different model, not damage
-        model.load_state_dict(ck.weights)
-        recipe.optimizer.load_state_dict(ck.state["optimizer"])
-        if recipe.scaler is not None and ck.state.get("scaler"):
-            recipe.scaler.load_state_dict(ck.state["scaler"])
-        if recipe.ema is not None and ck.state.get("ema"):
-            recipe.ema.module.load_state_dict(ck.state["ema"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(
-            f"{ck.dir}: does not fit this run's model or optimizer ({e}); cannot resume"
-        ) from None
+    restore_checkpoint(ck, model, recipe, data.steps_per_epoch)
     step = ck.state["step"]
     if env.main:
         log.info("resuming from %s (step %d of %d)", ck.dir, step, data.total_steps)

@@ -56,6 +56,7 @@ from .train_run import (
     finish_run,
     locked,
     newest_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
     write_run_files,
 )
@@ -427,22 +428,7 @@ def _resume(run: Path, model: nn.Module, recipe: Recipe, data: CaptionData, env:
     if ck is None:
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", run)
         return 0, None
-    if ck.state.get("steps_per_epoch") != data.steps_per_epoch:
-        raise UserError(
-            f"{ck.dir}: saved with {ck.state.get('steps_per_epoch')} steps per epoch, this config gives "
-            f"{data.steps_per_epoch} (batch size, world size or data changed); cannot resume"
-        )
-    try:
-        model.load_state_dict(ck.weights)
-        recipe.optimizer.load_state_dict(ck.state["optimizer"])
-        if recipe.scaler is not None and ck.state.get("scaler"):
-            recipe.scaler.load_state_dict(ck.state["scaler"])
-        if recipe.ema is not None and ck.state.get("ema"):
-            recipe.ema.module.load_state_dict(ck.state["ema"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(
-            f"{ck.dir}: does not fit this run's model or optimizer ({e}); cannot resume"
-        ) from None
+    restore_checkpoint(ck, model, recipe, data.steps_per_epoch)
     if env.main:
         log.info("resuming from %s (step %d of %d)", ck.dir, ck.state["step"], data.total_steps)
     return ck.state["step"], ck.state.get("epoch_sums")

@@ -33,6 +33,7 @@ from .data import Sample
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "restore_checkpoint",
     "finish_run",
     "CKPT_DIR",
     "COMPLETE",
@@ -263,3 +264,24 @@ def finish_run(
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def restore_checkpoint(ck: Checkpoint, model: nn.Module, recipe: Any, steps_per_epoch: int) -> None:
+    """Load a checkpoint's weights, optimizer, scaler and EMA into this run's; a checkpoint of another data
+    layout or model is a UserError, not damage."""
+    if ck.state.get("steps_per_epoch") != steps_per_epoch:
+        raise UserError(
+            f"{ck.dir}: saved with {ck.state.get('steps_per_epoch')} steps per epoch, this config gives "
+            f"{steps_per_epoch} (batch size, world size or data changed); cannot resume"
+        )
+    try:
+        model.load_state_dict(ck.weights)
+        recipe.optimizer.load_state_dict(ck.state["optimizer"])
+        if recipe.scaler is not None and ck.state.get("scaler"):
+            recipe.scaler.load_state_dict(ck.state["scaler"])
+        if recipe.ema is not None and ck.state.get("ema"):
+            recipe.ema.module.load_state_dict(ck.state["ema"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(
+            f"{ck.dir}: does not fit this run's model or optimizer ({e}); cannot resume"
+        ) from None
