@@ -26,7 +26,8 @@ from pathlib import Path
 from mobile_vmoe.cli import setup_logging
 from mobile_vmoe.files.capacity_curve import read_capacity_curve
 from mobile_vmoe.pipeline import load_pipeline_config, run_pipeline
-from mobile_vmoe.pipeline_dir import read_summary
+from mobile_vmoe.pipeline_config import FIRST_STAGE, SCHEDULING_KEYS
+from mobile_vmoe.pipeline_dir import first_changed_stage, read_summary
 
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 GROUPS = (1, 8)  # images routed together: a phone at batch 1; V-MoE's evaluation groups
@@ -64,7 +65,8 @@ def main() -> int:
             return 2
         out = Path(args.work) / f"seed{seed}"
         t0 = time.perf_counter()
-        run_pipeline(cfg, out)
+        # a finished seed is reused; a changed sweep (e.g. new group sizes) redoes only the stages it changes
+        run_pipeline(cfg, out, first_changed_stage(out, cfg, FIRST_STAGE, SCHEDULING_KEYS))
         ev = read_summary(out, "eval")
         for m in MODELS:
             top1[m].append(100 * ev.top1[m])
