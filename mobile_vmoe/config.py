@@ -121,6 +121,9 @@ class ImageTextConfig:
     global_entropy_weight: tuple[float, float] = (0.01, 0.01)
     global_entropy_experts: tuple[float, float] = (0.0, 0.0)  # the hinge's S per modality; 0: S = E
     entropy_losses: bool = True  # false: "LIMoE without entropy losses" (both weights taken as 0)
+    # V-MoE's importance and load losses over each modality's tokens (ours: the minority modality is balanced
+    # on its own) or over all routed tokens together ("joint": V-MoE's definition, where text can collapse)
+    classic_losses: str = "per_modality"
     # caption table columns and separator (open_clip's --csv-img-key / --csv-caption-key / --csv-separator)
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"

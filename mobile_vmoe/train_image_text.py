@@ -46,7 +46,7 @@ from .common import UserError
 from .config import Config, config_to_dict, model_kwargs
 from .evaluate_image_text import image_text_metrics, pair_loader
 from .files.captions import CaptionColumns
-from .models.limoe_losses import ContrastiveObjective
+from .models.limoe_losses import CLASSIC_LOSSES, ContrastiveObjective
 from .preprocess import Preprocess
 from .text import Tokenizer
 from .train_metrics import EpochSums, MetricsLog, Window
@@ -209,11 +209,16 @@ def _objective(cfg: Config, model: nn.Module, env: Env) -> ContrastiveObjective:
             f"config key image_text.global_entropy_experts: S must be at most the E={E} experts of {cfg.model} "
             f"(0: S = E), got {list(it.global_entropy_experts)}"
         )
+    if it.classic_losses not in CLASSIC_LOSSES:
+        raise UserError(
+            f"config key image_text.classic_losses: expected one of {', '.join(CLASSIC_LOSSES)}, got "
+            f"{it.classic_losses!r}"
+        )
     on = it.entropy_losses
     S = tuple(s or max(E, 1) for s in it.global_entropy_experts) if E else None
     return ContrastiveObjective(
         E, it.local_entropy_weight if on else 0.0, it.global_entropy_weight if on else 0.0, S,  # type: ignore[arg-type]
-        cfg.moe.importance_loss_weight, cfg.moe.load_loss_weight, env.rank, env.world,
+        cfg.moe.importance_loss_weight, cfg.moe.load_loss_weight, env.rank, env.world, it.classic_losses,
     )  # fmt: skip
 
 

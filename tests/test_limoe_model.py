@@ -246,6 +246,31 @@ def test_objective_trains_the_router_and_reports_every_part():
         ContrastiveObjective(num_experts=8, global_experts_S=16)
 
 
+def test_classic_losses_per_modality_or_joint():
+    """V-MoE's importance/load losses balance each modality on its own (default) or all routed tokens together
+    (V-MoE's definition: one balance for the group, which the majority modality can satisfy alone)."""
+    model = _model(LIMOE).train()
+    images, tokens = _batch()
+    torch.manual_seed(0)
+    out, routings = model.forward_with_routing(images, tokens)
+    w = dict(num_experts=8, local_weight=0.0, global_weight=0.0, importance_weight=0.5, load_weight=0.5)
+    per, p_parts = ContrastiveObjective(**w)(out, routings)
+    joint, j_parts = ContrastiveObjective(**w, classic_losses="joint")(out, routings)
+    c = p_parts["contrastive_loss"]
+    by_modality = sum(
+        p_parts[f"{m}_{k}"] for m in ("image", "text") for k in ("importance_loss", "load_loss")
+    )
+    assert torch.allclose(per, c + 0.5 * by_modality, atol=1e-5)
+    one = j_parts["joint_importance_loss"] + j_parts["joint_load_loss"]
+    torch.testing.assert_close(
+        one, sum(r.joint.importance_loss + r.joint.load_loss for r in routings).detach()
+    )
+    assert torch.allclose(joint, c + 0.5 * one, atol=1e-5) and not torch.allclose(joint, per)
+    assert "joint_importance_loss" not in p_parts
+    with pytest.raises(ValueError, match="classic_losses"):
+        ContrastiveObjective(num_experts=8, classic_losses="global")
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     images, tokens = _batch()
     grads = []

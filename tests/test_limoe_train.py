@@ -327,6 +327,10 @@ def test_bad_input_fails_before_training(tmp_path, data_root, limoe_run, capsys)
         r"global_entropy_experts: S must be at most the E=8 experts",
         "image_text.global_entropy_experts=[9, 0]",
     )
+    fails(
+        r"image_text.classic_losses: expected one of per_modality, joint, got 'all'",
+        "image_text.classic_losses=all",
+    )
     built = tmp_path / "fresh-data"
     fails(r"is a caption set; mobile_vit_nano_patch8_32 is an image classifier", "model=mobile_vit_nano_patch8_32",
           f"data.root={built}")  # fmt: skip

@@ -63,6 +63,7 @@ class ModalityRouting(NamedTuple):
     image: TokenRouting
     text: TokenRouting
     text_mask: torch.Tensor  # [B, L] True at real caption tokens (the text half's routed tokens)
+    joint: TokenRouting  # both modalities; its importance/load losses are V-MoE's over all routed tokens
 
 
 def _split(t: torch.Tensor, g: int, num_image: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +101,9 @@ class LIMoEMlp(TokenMoEMlp):
             importance, load = self.router.balance_losses(*(h[m] for h in halves))
             parts.append(TokenRouting(halves[0][m], *(f[m] for f in fields), importance, load, capacity))
         self._keep(routing)  # the joint routing, in ``last_routing``
-        _LAST_MODALITY_ROUTING[self] = ModalityRouting(parts[0], parts[1], token_mask[:, num_image_tokens:])
+        _LAST_MODALITY_ROUTING[self] = ModalityRouting(
+            parts[0], parts[1], token_mask[:, num_image_tokens:], routing
+        )
         return self.experts(y, routing).reshape(B, T, D)
 
     @property

@@ -5,7 +5,9 @@ per routed token of m) with two entropies, H(q) = -sum_e q_e log q_e:
     local  = mean over m's tokens of H(p)                  minimised: each token routes confidently
     global = max(0, log S - H(mean over m's tokens of p))  minimised: m as a whole spreads over at least ~S
                                                            experts; past that, nothing (the hinge)
-V-MoE's importance and load losses (``token_moe.TokenRouter.balance_losses``, per modality) stay available.
+V-MoE's importance and load losses (``token_moe.TokenRouter.balance_losses``) stay available: per modality (our
+default: the minority modality is balanced on its own) or, as V-MoE defines them, over all routed tokens together
+(``classic_losses="joint"``, where only the entropy losses keep text from collapsing onto a few experts).
 Each auxiliary loss is summed over the MoE blocks. The contrastive loss is open_clip's ``ClipLoss`` with local
 loss and gradient-carrying gathers, so that negatives come from every DDP rank.
 
@@ -21,7 +23,9 @@ from open_clip.loss import ClipLoss
 from .limoe import ImageTextOutput, ModalityRouting
 from .token_moe import TokenRouting, routing_stats
 
-__all__ = ["ContrastiveObjective", "global_entropy", "local_entropy", "MODALITIES"]
+__all__ = ["CLASSIC_LOSSES", "ContrastiveObjective", "global_entropy", "local_entropy", "MODALITIES"]
+
+CLASSIC_LOSSES = ("per_modality", "joint")  # where V-MoE's importance/load losses balance the experts
 
 MODALITIES = ("image", "text")
 
@@ -77,7 +81,11 @@ class ContrastiveObjective:
         load_weight: float = 0.005,
         rank: int = 0,
         world_size: int = 1,
+        classic_losses: str = "per_modality",
     ) -> None:
+        if classic_losses not in CLASSIC_LOSSES:
+            raise ValueError(f"classic_losses must be one of {CLASSIC_LOSSES}, got {classic_losses!r}")
+        self.classic = classic_losses
         self.E = num_experts
         self.local_w = _pair(local_weight, "local_weight")
         self.global_w = _pair(global_weight, "global_weight")
@@ -118,7 +126,8 @@ class ContrastiveObjective:
             importance = torch.stack([r.importance_loss for r, _ in halves]).sum()
             load = torch.stack([r.load_loss for r, _ in halves]).sum()
             total = total + self.local_w[m] * local + self.global_w[m] * glob
-            total = total + self.importance_w * importance + self.load_w * load
+            if self.classic == "per_modality":
+                total = total + self.importance_w * importance + self.load_w * load
             dropped = torch.stack([routing_stats(r, r.probs.shape[-1], mask)[1] for r, mask in halves]).mean()
             for key, v in (
                 ("local_entropy", local),
@@ -128,4 +137,9 @@ class ContrastiveObjective:
                 ("dropped", dropped),
             ):
                 parts[f"{name}_{key}"] = v.detach().float()
+        if self.classic == "joint":  # V-MoE's: one balance over all routed tokens, whatever their modality
+            importance = torch.stack([r.joint.importance_loss for r in routings]).sum()
+            load = torch.stack([r.joint.load_loss for r in routings]).sum()
+            total = total + self.importance_w * importance + self.load_w * load
+            parts["joint_importance_loss"], parts["joint_load_loss"] = importance.detach(), load.detach()
         return total
