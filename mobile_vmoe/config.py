@@ -233,7 +233,7 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     return obj
 
 
-def _load_source(
+def load_source(
     preset_or_file: str, seen: tuple[str, ...] = (), kind: str = ""
 ) -> tuple[dict[str, Any], str]:
     """YAML of a preset name or file, with ``inherit`` resolved (the child's keys win). Returns (dict, name)."""
@@ -254,7 +254,7 @@ def _load_source(
     parent = obj.pop("inherit", None)
     if parent is None:
         return obj, name
-    base, _ = _load_source(str(parent), (*seen, preset_or_file), kind)
+    base, _ = load_source(str(parent), (*seen, preset_or_file), kind)
     return _merge(base, obj), name
 
 
@@ -404,7 +404,7 @@ def load_structured(
     cls: type, preset_or_file: str, overrides: typing.Sequence[str] = (), kind: str = ""
 ) -> Any:
     """A dataclass ``cls`` (with a ``name`` field) from a preset of ``kind`` or a YAML file, then overrides."""
-    d, name = _load_source(preset_or_file, kind=kind)
+    d, name = load_source(preset_or_file, kind=kind)
     d = _merge({"name": name}, d)
     for item in overrides:
         _apply_override(d, item, cls)

@@ -365,7 +365,8 @@ class _Pipeline:
         return d
 
     def report(self) -> _Done:
-        from .report import FILES, write_report
+        from .report import write_report
+        from .report_common import FILES
 
         paths = write_report(self.out)
         md, html = paths["markdown"], paths["html"]

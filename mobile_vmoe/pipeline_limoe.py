@@ -103,9 +103,9 @@ SCHEDULING_KEYS = {"export_workers"}
 
 def is_image_text_pipeline(preset_or_file: str) -> bool:
     """Whether a pipeline preset or file says ``kind: image_text`` (read before its keys are checked)."""
-    from .config import _load_source
+    from .config import load_source
 
-    d, _ = _load_source(preset_or_file, kind="pipeline")
+    d, _ = load_source(preset_or_file, kind="pipeline")
     return d.get("kind") == IMAGE_TEXT_KIND
 
 
@@ -320,7 +320,7 @@ class _LimoePipeline:
         return _Done([self.out / "bench", *map(Path, s.results.values())], s)
 
     def report(self) -> _Done:
-        from .report import FILES
+        from .report_common import FILES
         from .report_limoe import write_limoe_report
 
         paths = write_limoe_report(self.out)

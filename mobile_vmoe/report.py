@@ -11,40 +11,29 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from .common import UserError, atomic_path, read_json, write_text_atomic
+from .common import UserError, read_json, write_text_atomic
 from .data import load_superclass_truth
 from .files.stage_marker import read_marker
-from .files.superclass_map import SUPERCLASSES_JSON, SuperclassMap, read_superclass_map
+from .files.superclass_map import SUPERCLASSES_JSON, read_superclass_map
 from .pipeline_dir import STAGES, read_summary
+from .report_common import (
+    FILES,
+    ReportRun,
+    artifacts_section,
+    latency_section,
+    pct,
+    provenance_section,
+    pyplot,
+    save_figure,
+    to_html,
+)
 from .report_pareto import pareto_section
 
 __all__ = ["write_report"]
-
-FILES = "report_files"
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> str:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    return f"{FILES}/{path.name}"
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f} %"
 
 
 def _epochs(run: Path) -> list[dict[str, Any]]:
@@ -73,7 +62,7 @@ def _dataset_grid(data_dir: Path, figdir: Path, superclasses: list[int] | None) 
         rows = [list(range(i, min(i + 10, C))) for i in range(0, C, 10)]
     rows = [r[:10] for r in rows[:10]]
     ncol = max(len(r) for r in rows)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.1 * ncol, 1.1 * len(rows)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -82,13 +71,13 @@ def _dataset_grid(data_dir: Path, figdir: Path, superclasses: list[int] | None) 
             with Image.open(data_dir / first[c]) as im:
                 axes[i, j].imshow(np.asarray(im.convert("RGB")))
     fig.suptitle("one training image per class (rows: super-classes)" if superclasses else "training images")
-    return _save(fig, figdir / "dataset.png")
+    return save_figure(fig, figdir / "dataset.png")
 
 
 def _accuracy_plot(runs: dict[str, list[dict[str, Any]]], figdir: Path) -> str | None:
     if not any(runs.values()):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, eps in runs.items():
         xs = [r["epoch"] for r in eps if "val_top1" in r]
@@ -100,14 +89,14 @@ def _accuracy_plot(runs: dict[str, list[dict[str, Any]]], figdir: Path) -> str |
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("validation top-1 during training")
-    return _save(fig, figdir / "accuracy.png")
+    return save_figure(fig, figdir / "accuracy.png")
 
 
 def _routing_plot(ev: dict[str, Any], assignment: list[int] | None, figdir: Path) -> str:
     counts = np.asarray(ev["class_expert_counts"], dtype=float)  # [C, E]
     order = np.argsort(np.asarray(assignment), kind="stable") if assignment else np.arange(len(counts))
     frac = counts[order] / np.maximum(counts[order].sum(axis=1, keepdims=True), 1)
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [3, 2]})
     im = ax.imshow(frac, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("expert")
@@ -121,41 +110,10 @@ def _routing_plot(ev: dict[str, Any], assignment: list[int] | None, figdir: Path
     ax2.set_ylabel("share of routed images")
     ax2.set_title("expert load (validation)")
     ax2.legend()
-    return _save(fig, figdir / "routing.png")
+    return save_figure(fig, figdir / "routing.png")
 
 
-def _latency_plot(rows: list[dict[str, Any]], figdir: Path) -> str | None:
-    if not rows:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["p50"] for r in rows], 0.4, label="p50")
-    ax.bar(x + 0.2, [r["p90"] for r in rows], 0.4, label="p90")
-    ax.set_xticks(x, [r["artifact"] for r in rows], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("ms per image (batch 1)")
-    ax.set_title("host latency")
-    ax.legend()
-    return _save(fig, figdir / "latency.png")
-
-
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size
-
-
-class _Run(NamedTuple):
-    """What every section reads: the pipeline directory and its stages' summaries."""
-
-    out: Path
-    figdir: Path
-    stages: dict[str, Any]  # stage -> its summary record (pipeline_dir), finished stages only
-    seconds: dict[str, float]
-    sc: SuperclassMap | None
-
-
-def _read_run(out: Path) -> _Run:
+def _read_run(out: Path) -> ReportRun:
     stages, seconds = {}, {}
     for stage in STAGES:
         m = read_marker(out, stage)
@@ -165,10 +123,10 @@ def _read_run(out: Path) -> _Run:
         raise UserError(f"{out}: the data stage has not finished; nothing to report")
     sc_file = out / "superclasses" / SUPERCLASSES_JSON
     sc = read_superclass_map(sc_file) if sc_file.is_file() else None
-    return _Run(out, out / FILES, stages, seconds, sc)
+    return ReportRun(out, out / FILES, stages, seconds, sc)
 
 
-def _dataset_section(r: _Run) -> list[str]:
+def _dataset_section(r: ReportRun) -> list[str]:
     d = r.stages["data"]
     data_dir = Path(d.data_dir)
     ds_meta = read_json(data_dir / "dataset.json") if (data_dir / "dataset.json").is_file() else {}
@@ -196,7 +154,7 @@ def _dataset_section(r: _Run) -> list[str]:
     return md
 
 
-def _models_section(r: _Run) -> list[str]:
+def _models_section(r: ReportRun) -> list[str]:
     from .checkpoint import load_model
     from .models import profile_model
 
@@ -227,12 +185,12 @@ def _models_section(r: _Run) -> list[str]:
     return [*md, ""]
 
 
-def _accuracy_section(r: _Run, evals: dict[str, dict[str, Any]]) -> list[str]:
+def _accuracy_section(r: ReportRun, evals: dict[str, dict[str, Any]]) -> list[str]:
     if not evals:
         return []
     md = ["## Accuracy", "", "| | top-1 | top-5 | images |", "|---|---:|---:|---:|"]
     for w, ev in evals.items():
-        md.append(f"| {w} | {_pct(ev['top1'])} | {_pct(ev['top5'])} | {ev['num_images']} |")
+        md.append(f"| {w} | {pct(ev['top1'])} | {pct(ev['top5'])} | {ev['num_images']} |")
     for w in ("moe", "vmoe"):
         if w in evals and "dense" in evals:
             delta = 100 * (evals[w]["top1"] - evals["dense"]["top1"])
@@ -241,7 +199,7 @@ def _accuracy_section(r: _Run, evals: dict[str, dict[str, Any]]) -> list[str]:
     return [*md, "", f"![accuracy]({plot})" if plot else "", ""]
 
 
-def _superclass_section(r: _Run) -> list[str]:
+def _superclass_section(r: ReportRun) -> list[str]:
     sc = r.sc
     if sc is None:
         return []
@@ -250,7 +208,7 @@ def _superclass_section(r: _Run) -> list[str]:
         "## Super-classes",
         "",
         f"{sc.num_superclasses} super-classes of sizes {sc.sizes} from the dense model's held-out confusion "
-        f"matrix ({heldout} images), algorithm `{sc.algorithm}`; {_pct(sc.within_mass)} of the off-diagonal "
+        f"matrix ({heldout} images), algorithm `{sc.algorithm}`; {pct(sc.within_mass)} of the off-diagonal "
         "confusion falls within a super-class.",
     ]
     md += ["", *(f"> **Warning:** {w}" for w in sc.warnings), ""] if sc.warnings else []
@@ -263,110 +221,20 @@ def _superclass_section(r: _Run) -> list[str]:
     return md
 
 
-def _routing_section(r: _Run, ev: dict[str, Any] | None) -> list[str]:
+def _routing_section(r: ReportRun, ev: dict[str, Any] | None) -> list[str]:
     if not ev or not ev.get("class_expert_counts"):
         return []
     md = ["## Routing", ""]
     if ev.get("router_accuracy") is not None:
         md.append(
-            f"Router accuracy against the super-classes (validation): **{_pct(ev['router_accuracy'])}**."
+            f"Router accuracy against the super-classes (validation): **{pct(ev['router_accuracy'])}**."
         )
-    acc = ", ".join(f"{e}: {_pct(a)}" for e, a in enumerate(ev["expert_accuracy"]))
+    acc = ", ".join(f"{e}: {pct(a)}" for e, a in enumerate(ev["expert_accuracy"]))
     md += [f"Top-1 of the images each expert was chosen for: {acc}.", ""]
     return [*md, f"![routing]({_routing_plot(ev, r.sc.assignment if r.sc else None, r.figdir)})", ""]
 
 
-def _latency_section(r: _Run) -> list[str]:
-    if "bench" not in r.stages:
-        return []
-    rows, device = [], ""
-    from .bench.schema import ingest_result
-
-    for name, res in sorted(r.stages["bench"].results.items()):
-        doc = ingest_result(res)
-        s = doc["stats"]
-        device = doc["device"]["model"]
-        rows.append({
-            "artifact": name, "runtime": f"{doc['runtime']['name']} {doc['runtime']['version']}",
-            "backend": doc["backend"]["name"], "precision": doc.get("precision") or "n/a",
-            "p50": s["p50"], "p90": s["p90"], "n": s["count"],
-        })  # fmt: skip
-    if not rows:
-        return []
-    md = ["## Host latency (batch 1)", "", f"Device: {device}.", ""]
-    md += [
-        "| artifact | runtime | backend | precision | runs | p50 ms | p90 ms |",
-        "|---|---|---|---|---:|---:|---:|",
-    ]
-    for row in rows:
-        md.append(
-            f"| {row['artifact']} | {row['runtime']} | {row['backend']} | {row['precision']} | {row['n']} | "
-            f"{row['p50']:.3f} | {row['p90']:.3f} |"
-        )
-    by = {row["artifact"]: row for row in rows}
-    ratios = [
-        f"{a.replace('dense', '')}: {by[a.replace('dense', 'moe')]['p50'] / by[a]['p50']:.3f}"
-        for a in by
-        if a.startswith("dense") and a.replace("dense", "moe") in by
-    ]
-    if ratios:
-        md += ["", "MoE / dense p50 latency per artifact kind — " + ", ".join(ratios) + "."]
-    return [*md, "", f"![latency]({_latency_plot(rows, r.figdir)})", ""]
-
-
-def _artifacts_section(r: _Run) -> list[str]:
-    from .files.sidecar import find_sidecar
-
-    if "export" not in r.stages:
-        return []
-    exp = r.stages["export"]
-    md = ["## Artifacts", "", "| file | size | precision | verified on | images | max abs diff | top-1 agreement |",
-          "|---|---:|---|---|---:|---:|---:|"]  # fmt: skip
-    for name, path in sorted(exp.artifacts.items()):
-        a = Path(path)
-        _, side = find_sidecar(a)
-        details = side.details if side is not None else {}
-        par = details.get("parity", {})
-        where = par.get("runtime") or par.get("status", "")
-        if a.suffix == ".mlpackage" and details.get("mil_structure"):
-            where = "MIL structure checked here; numerics pending on macOS"
-        diff, agree = par.get("max_abs_diff"), par.get("top1_agreement")
-        md.append(
-            f"| `export/{name}` | {_size(a) / 1e6:.2f} MB | {side.precision if side else '?'} | {where} | "
-            f"{par.get('n_images', 0)} | {'' if diff is None else f'{diff:.2e}'} | "
-            f"{'' if agree is None else _pct(agree)} |"
-        )
-    for name, why in exp.failed_verification.items():
-        md.append(f"\n`{name}` was not written: {why}")
-    return [*md, ""]
-
-
-def _provenance_section(r: _Run) -> list[str]:
-    md = ["## Stages", "", "| stage | seconds |", "|---|---:|"]
-    md += [f"| {k} | {v} |" for k, v in r.seconds.items() if k != "report"]
-    md += ["", "Every number above was read from the files of this run directory.", ""]
-    cfg = r.out / "pipeline.yaml"
-    if cfg.is_file():
-        md += ["<details><summary>pipeline.yaml</summary>", "", "```yaml", cfg.read_text().rstrip(), "```", "",
-               "</details>", ""]  # fmt: skip
-    return md
-
-
-def _html(text: str) -> str:
-    import markdown
-
-    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Mobile V-MoE report</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
-        "blockquote{background:#fff4d6;margin:0;padding:.5em 1em}</style></head><body>"
-        + body
-        + "</body></html>"
-    )
-
-
-def _models(r: _Run) -> list[str]:
+def _models(r: ReportRun) -> list[str]:
     """The models this run trained: dense, moe, and vmoe when the config named a per-token model."""
     return [w for w in ("dense", "moe", "vmoe") if w in r.stages and r.stages[w].model_file]
 
@@ -375,7 +243,7 @@ def _token_routing_plot(ev: dict[str, Any], assignment: list[int] | None, figdir
     """Per MoE block: each class's mean routing weight per expert (classes grouped by super-class)."""
     w = np.asarray(ev["class_expert_weight"], dtype=float)  # [L, C, E]
     order = np.argsort(np.asarray(assignment), kind="stable") if assignment else np.arange(w.shape[1])
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(w), figsize=(4 * len(w), 4.5), squeeze=False)
     for i, ax in enumerate(axes[0]):
         im = ax.imshow(w[i][order], aspect="auto", cmap="viridis", interpolation="nearest")
@@ -383,10 +251,10 @@ def _token_routing_plot(ev: dict[str, Any], assignment: list[int] | None, figdir
         ax.set_xlabel("expert")
         ax.set_ylabel("class (grouped by super-class)" if assignment else "class")
     fig.colorbar(im, ax=axes[0].tolist())
-    return _save(fig, figdir / "vmoe_routing.png")
+    return save_figure(fig, figdir / "vmoe_routing.png")
 
 
-def _token_routing_section(r: _Run, ev: dict[str, Any] | None) -> list[str]:
+def _token_routing_section(r: ReportRun, ev: dict[str, Any] | None) -> list[str]:
     if not ev or ev.get("routing") != "token":
         return []
     from .files.capacity_curve import read_capacity_curve
@@ -396,7 +264,7 @@ def _token_routing_section(r: _Run, ev: dict[str, Any] | None) -> list[str]:
     md = ["## Per-token routing (V-MoE)", ""]
     md += ["| MoE block | dropped choices | tokens per expert |", "|---:|---:|---|"]
     for i, (d, load) in enumerate(zip(ev["dropped_fraction"], ev["expert_load"])):
-        md.append(f"| {i} | {_pct(d)} | {load} |")
+        md.append(f"| {i} | {pct(d)} | {load} |")
     md += ["", f"![per-token routing]({_token_routing_plot(ev, groups, r.figdir)})", ""]
     if truth is not None:
         md += [
@@ -420,7 +288,7 @@ def _token_routing_section(r: _Run, ev: dict[str, Any] | None) -> list[str]:
             for pr in ("bpr", "vanilla"):
                 pts = [curve.point(pr, c, g) for c in ratios]
                 cells = [
-                    _pct(p.top1) + (f" (P={p.capacity})" if p.capacity else "") if p else "–" for p in pts
+                    pct(p.top1) + (f" (P={p.capacity})" if p.capacity else "") if p else "–" for p in pts
                 ]
                 md.append(f"| {g} | {pr} | " + " | ".join(cells) + " |")
         for g, big, small, P in curve.same_routing():
@@ -449,12 +317,12 @@ def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     md += _superclass_section(r)
     md += _routing_section(r, evals.get("moe"))
     md += _token_routing_section(r, evals.get("vmoe"))
-    md += _latency_section(r)
+    md += latency_section(r)
     md += pareto_section(r.out, r.figdir, r.stages)
-    md += _artifacts_section(r)
-    md += _provenance_section(r)
+    md += artifacts_section(r)
+    md += provenance_section(r)
     text = "\n".join(md)
     md_path, html_path = r.out / "report.md", r.out / "report.html"
     write_text_atomic(md_path, text)
-    write_text_atomic(html_path, _html(text))
+    write_text_atomic(html_path, to_html(text))
     return {"markdown": md_path, "html": html_path}

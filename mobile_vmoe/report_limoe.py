@@ -21,18 +21,16 @@ from .files.image_text_eval import ImageTextEval, RoutingAnalysis, read_image_te
 from .files.stage_marker import read_marker
 from .pipeline_dir import read_summary
 from .pipeline_limoe import LIMOE_PLAN, MODELS, STAGES
-
-# the classifier report's helpers and sections that read only bench results, sidecars and markers
-from .report import (
+from .report_common import (
     FILES,
-    _artifacts_section,
-    _html,
-    _latency_section,
-    _pct,
-    _plt,
-    _provenance_section,
-    _Run,
-    _save,
+    ReportRun,
+    artifacts_section,
+    latency_section,
+    pct,
+    provenance_section,
+    pyplot,
+    save_figure,
+    to_html,
 )
 
 __all__ = ["write_limoe_report"]
@@ -42,7 +40,7 @@ LABELS = {"limoe": "LIMoE", "limoe_no_entropy": "LIMoE, no entropy losses", "one
 ROUTED = ("limoe", "limoe_no_entropy")  # the MoE models, whose routing is analysed
 
 
-def _read_run(out: Path) -> _Run:
+def _read_run(out: Path) -> ReportRun:
     stages, seconds = {}, {}
     for stage in STAGES:
         m = read_marker(out, stage)
@@ -50,7 +48,7 @@ def _read_run(out: Path) -> _Run:
             stages[stage], seconds[stage] = s, m.seconds
     if "data" not in stages:
         raise UserError(f"{out}: the data stage has not finished; nothing to report")
-    return _Run(out, out / FILES, stages, seconds, None)
+    return ReportRun(out, out / FILES, stages, seconds, None)
 
 
 def _is_builtin(data_dir: Path) -> bool:
@@ -58,7 +56,7 @@ def _is_builtin(data_dir: Path) -> bool:
     return f.is_file() and read_json(f).get("name") == "synthetic-captions"
 
 
-def _dataset_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
+def _dataset_section(r: ReportRun, evals: dict[str, ImageTextEval]) -> list[str]:
     d = r.stages["data"]
     md = []
     if _is_builtin(Path(d.data_dir)):
@@ -77,7 +75,7 @@ def _dataset_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
     return md
 
 
-def _latencies(r: _Run) -> dict[str, float]:
+def _latencies(r: ReportRun) -> dict[str, float]:
     """Artifact file name -> host p50 ms (bench results)."""
     from .bench.schema import ingest_result
 
@@ -88,7 +86,7 @@ def _latencies(r: _Run) -> dict[str, float]:
     }
 
 
-def _models_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
+def _models_section(r: ReportRun, evals: dict[str, ImageTextEval]) -> list[str]:
     from .checkpoint import load_model
     from .models import profile_model
 
@@ -110,8 +108,8 @@ def _models_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
         p = profile_model(m)
         ev = evals.get(w)
         zs, rt = (ev.zero_shot, ev.retrieval) if ev is not None else (None, None)
-        cells = [_pct(zs.top1) if zs else "n/a", _pct(zs.top5) if zs else "n/a"]
-        cells += [_pct(x) for x in (rt.image_to_text_r1, rt.image_to_text_r5, rt.text_to_image_r1,
+        cells = [pct(zs.top1) if zs else "n/a", pct(zs.top5) if zs else "n/a"]
+        cells += [pct(x) for x in (rt.image_to_text_r1, rt.image_to_text_r5, rt.text_to_image_r1,
                                     rt.text_to_image_r5)] if rt else ["n/a"] * 4  # fmt: skip
         cells += [f"{lat[f]:.3f}" if f in lat else "n/a" for f in (f"{w}.pte", f"{w}.onnx")]
         md.append(f"| {LABELS[w]} (`{meta.model}`) | {p.params / 1e6:.3f} M | "
@@ -132,7 +130,7 @@ def _image_fraction(g: RoutingAnalysis) -> float:
 def _routing_plot(routings: dict[str, RoutingAnalysis], figdir: Path) -> str:
     """Rows: MoE blocks; columns: models (with and without entropy losses side by side); per expert (sorted by
     image share) the image and text shares of its tokens, stacked."""
-    plt = _plt()
+    plt = pyplot()
     nblocks = max(len(g.blocks) for g in routings.values())
     fig, axes = plt.subplots(
         nblocks, len(routings), figsize=(3.8 * len(routings), 2.8 * nblocks), squeeze=False
@@ -161,10 +159,10 @@ def _routing_plot(routings: dict[str, RoutingAnalysis], figdir: Path) -> str:
         "image (blue) vs text (orange) tokens per expert; dashed: image share of all tokens", fontsize=10
     )
     fig.tight_layout()
-    return _save(fig, figdir / "limoe_routing.png")
+    return save_figure(fig, figdir / "limoe_routing.png")
 
 
-def _routing_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
+def _routing_section(r: ReportRun, evals: dict[str, ImageTextEval]) -> list[str]:
     routings = {w: evals[w].routing for w in ROUTED if w in evals and evals[w].routing is not None}
     if not routings:
         return []
@@ -180,9 +178,9 @@ def _routing_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for w, g in routings.items():
-        md.append(f"| {LABELS[w]} | {_pct(g.image_success)} | {_pct(g.text_success)} | "
+        md.append(f"| {LABELS[w]} | {pct(g.image_success)} | {pct(g.text_success)} | "
                   f"{g.image_experts_used:.1f} / {g.num_experts} | {g.text_experts_used:.1f} / {g.num_experts} | "
-                  f"{_pct(_image_fraction(g))} |")  # fmt: skip
+                  f"{pct(_image_fraction(g))} |")  # fmt: skip
     md += ["", "Per MoE block (with vs without entropy losses side by side):", "",
            "| block | " + " | ".join(f"{LABELS[w]}: success image / text, experts image / text" for w in routings)
            + " |", "|---:|" + "---|" * len(routings)]  # fmt: skip
@@ -190,17 +188,17 @@ def _routing_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
         cells = []
         for g in routings.values():
             x = g.blocks[i]
-            cells.append(f"{_pct(x.image_success)} / {_pct(x.text_success)}, {x.image_experts_used} / "
+            cells.append(f"{pct(x.image_success)} / {pct(x.text_success)}, {x.image_experts_used} / "
                          f"{x.text_experts_used}")  # fmt: skip
         md.append(f"| {b.block} | " + " | ".join(cells) + " |")
     md += ["", f"![routing]({_routing_plot(routings, r.figdir)})", ""]
     return md
 
 
-def _favours_section(r: _Run, evals: dict[str, ImageTextEval]) -> list[str]:
+def _favours_section(r: ReportRun, evals: dict[str, ImageTextEval]) -> list[str]:
     d = r.stages["data"]
     g = next((evals[w].routing for w in ROUTED if w in evals and evals[w].routing is not None), None)
-    frac = f" here {_pct(_image_fraction(g))}" if g is not None else ""
+    frac = f" here {pct(_image_fraction(g))}" if g is not None else ""
     md = ["## What the data favours", ""]
     if _is_builtin(Path(d.data_dir)):
         md.append(
@@ -237,11 +235,11 @@ def write_limoe_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     md += _models_section(r, evals)
     md += _routing_section(r, evals)
     md += _favours_section(r, evals)
-    md += _latency_section(r)
-    md += _artifacts_section(r)
-    md += _provenance_section(r)
+    md += latency_section(r)
+    md += artifacts_section(r)
+    md += provenance_section(r)
     text = "\n".join(md)
     md_path, html_path = r.out / "report.md", r.out / "report.html"
     write_text_atomic(md_path, text)
-    write_text_atomic(html_path, _html(text))
+    write_text_atomic(html_path, to_html(text))
     return {"markdown": md_path, "html": html_path}
