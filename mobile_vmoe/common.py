@@ -98,6 +98,32 @@ def load_path(text: str, base: str | os.PathLike[str]) -> Path:
     return Path(os.path.normpath(Path(base).absolute() / text))
 
 
+def _map_keys(obj: dict[str, Any], keys: tuple[str, ...], convert: Any) -> dict[str, Any]:
+    """A copy of ``obj`` with ``convert`` applied to the non-empty strings at ``keys`` ("a.b": obj["a"]["b"])."""
+    out = json.loads(json.dumps(obj, default=str))
+    for key in keys:
+        *up, leaf = key.split(".")
+        node = out
+        for k in up:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            node[leaf] = convert(node[leaf])
+    return out
+
+
+def store_paths(obj: dict[str, Any], file: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``obj`` as ``file`` records it: the paths at ``keys`` through ``store_path`` (root: ``move_root``)."""
+    base = Path(file).absolute().parent
+    root = move_root(base)
+    return _map_keys(obj, keys, lambda p: store_path(p, base, root))
+
+
+def load_paths(obj: dict[str, Any], file: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``obj`` read from ``file``, its paths at ``keys`` absolute again (``load_path``)."""
+    base = Path(file).absolute().parent
+    return _map_keys(obj, keys, lambda p: str(load_path(p, base)))
+
+
 def existing_path(
     path: str | os.PathLike[str], file: str | os.PathLike[str], field: str, hint: str = ""
 ) -> Path:

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .common import UserError, atomic_path, read_json, write_json_atomic, write_text_atomic
+from .common import (
+    UserError,
+    atomic_path,
+    load_path,
+    move_root,
+    read_json,
+    store_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from .checkpoint import ModelMeta
@@ -163,7 +172,8 @@ def write_confusion(out_dir: str | os.PathLike[str], conf: Confusion) -> list[Pa
     for name, row in zip(conf.class_names, conf.counts):
         w.writerow([name, *(int(v) if float(v).is_integer() else float(v) for v in row)])
     write_text_atomic(csv_path, buf.getvalue())
-    data_dir = str(conf.data_dir) if conf.data_dir is not None else None
+    # relative when the dataset moves with out_dir (a pipeline's generated data): common.store_path
+    data_dir = store_path(conf.data_dir, out_dir, move_root(out_dir)) if conf.data_dir is not None else None
     write_json_atomic(classes, {"class_names": conf.class_names, "data_dir": data_dir})
     return [npy, csv_path, classes]
 
@@ -194,4 +204,5 @@ def read_confusion(out_dir: str | os.PathLike[str]) -> Confusion:
             f"{out_dir / CONFUSION_NPY}; got {json.dumps(names)[:80]}"
         )
     data_dir = obj.get("data_dir")
-    return Confusion(counts.astype(np.int64), [str(c) for c in names], Path(data_dir) if data_dir else None)
+    data = load_path(data_dir, out_dir) if isinstance(data_dir, str) and data_dir else None
+    return Confusion(counts.astype(np.int64), [str(c) for c in names], data)

@@ -22,7 +22,7 @@ import torch
 
 from .capacity import InferenceRouting, apply_routing, capacity_curve
 from .checkpoint import ModelMeta, load_model, resolve_model_file
-from .common import UserError, write_json_atomic
+from .common import UserError, store_paths, write_json_atomic
 from .data import ImageListDataset, collate_skip_bad, scan_dataset
 from .files.capacity_curve import PRIORITIES
 from .files.file_list import Sample, read_file_list
@@ -318,8 +318,10 @@ def evaluate(
     if getattr(model, "moe_routing", None) == "token":
         mlp = model.moe_mlps()[0]
         result.update(routing="token", capacity_ratio=mlp.eval_capacity_ratio, bpr=mlp.eval_bpr)
-    if json_out is not None:
-        write_json_atomic(json_out, result)
+    if json_out is not None:  # relocatable: paths inside the moving directory relative (common.store_paths)
+        write_json_atomic(
+            json_out, store_paths(result, json_out, ("checkpoint", "data_dir", "source", "superclasses"))
+        )
     return result
 
 

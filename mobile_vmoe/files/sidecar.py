@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..common import UserError, load_path, move_root, read_json, store_path, write_json_atomic
+from ..common import UserError, load_paths, read_json, store_paths, write_json_atomic
 from ..preprocess import Preprocess
 
 __all__ = [
@@ -55,6 +55,8 @@ _TYPED = (
     "random_weights", "kind", "class_names", "input_shape", "input_dtype", "preprocess", "text", "prompt_templates",
     "embed_dim", "logit_scale", "routing", "precision", "expert_dispatch", "expert_dispatch_reason",
 )  # fmt: skip
+# what a sidecar stores relative to its folder when inside the directory moving with it (common.store_paths)
+PATHS = ("checkpoint", "images.data_dir", "images.heldout_list")
 KINDS = ("classifier", "zero_shot_classifier", "text_encoder")
 INPUT_DTYPES = {"classifier": "float32", "zero_shot_classifier": "float32", "text_encoder": "int64"}
 
@@ -163,10 +165,7 @@ def write_sidecar(
     """Write ``sc`` for ``artifact`` (digest taken now); ``at`` overrides where (a temporary path)."""
     sc.file_size_bytes, sc.sha256 = artifact_digest(artifact)
     out = Path(at) if at is not None else sidecar_path(artifact)
-    d, base = sc.to_dict(), Path(artifact).parent
-    if d["checkpoint"]:
-        d["checkpoint"] = store_path(d["checkpoint"], base, move_root(base))
-    write_json_atomic(out, d)
+    write_json_atomic(out, store_paths(sc.to_dict(), sidecar_path(artifact), PATHS))
     return out
 
 
@@ -175,6 +174,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
     obj = read_json(path, "export sidecar")
     if not isinstance(obj, dict):
         raise UserError(f"{where}: export sidecar must be a JSON object")
+    obj = load_paths(obj, path, PATHS)
 
     def need(key: str, typ: type | tuple[type, ...]) -> Any:
         v = obj.get(key)
@@ -231,7 +231,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
         prompt_templates=list(templates),
         embed_dim=obj["embed_dim"] if isinstance(obj.get("embed_dim"), int) else None,
         logit_scale=float(obj["logit_scale"]) if isinstance(obj.get("logit_scale"), (int, float)) else None,
-        checkpoint=str(load_path(ckpt, Path(where).parent)) if isinstance(ckpt, str) and ckpt else None,
+        checkpoint=ckpt if isinstance(ckpt, str) and ckpt else None,
         random_weights=bool(obj.get("random_weights", False)),
         expert_dispatch=obj.get("expert_dispatch"),
         expert_dispatch_reason=obj.get("expert_dispatch_reason"),
