@@ -24,6 +24,7 @@ import numpy as np
 from .common import (
     UserError,
     atomic_path,
+    existing_path,
     load_path,
     move_root,
     read_json,
@@ -91,7 +92,7 @@ def _check_heldout(ckpt_file: Path, meta: ModelMeta, num_outputs: int, data_dir:
     if data_dir is None:
         if not meta.train.data_dir:
             raise UserError(f"{ckpt_file}: metadata train.data_dir is missing; pass --data DIR")
-        data_dir = Path(meta.train.data_dir)
+        data_dir = existing_path(meta.train.data_dir, ckpt_file, "metadata train.data_dir", "pass --data DIR")
     if not data_dir.is_dir():
         raise UserError(
             f"dataset directory not found: {data_dir} (from --data or the dataset the checkpoint was trained on)"

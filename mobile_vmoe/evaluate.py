@@ -22,7 +22,7 @@ import torch
 
 from .capacity import InferenceRouting, apply_routing, capacity_curve
 from .checkpoint import ModelMeta, load_model, resolve_model_file
-from .common import UserError, store_paths, write_json_atomic
+from .common import UserError, existing_path, store_paths, write_json_atomic
 from .data import ImageListDataset, collate_skip_bad, scan_dataset
 from .files.capacity_curve import PRIORITIES
 from .files.file_list import Sample, read_file_list
@@ -182,18 +182,15 @@ class EvalSet(NamedTuple):
 
 
 def _dataset_dir(ckpt: Path, meta: ModelMeta, data_dir: str | os.PathLike[str] | None) -> Path:
-    """``data_dir``, or the dataset the model was trained on (stored absolute: a moved dataset needs --data)."""
+    """``data_dir``, or the dataset the model was trained on (it moves with the run directory only when inside it
+    or its pipeline directory: a dataset moved on its own needs --data)."""
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise UserError(f"dataset directory not found: {data_dir}")
         return Path(data_dir)
     if not meta.train.data_dir:
         raise UserError(f"{ckpt}: metadata train.data_dir is missing; pass --data DIR")
-    if not Path(meta.train.data_dir).is_dir():
-        raise UserError(
-            f"{ckpt}: the dataset it was trained on, {meta.train.data_dir}, is not there; pass --data DIR"
-        )
-    return Path(meta.train.data_dir)
+    return existing_path(meta.train.data_dir, ckpt, "metadata train.data_dir", "pass --data DIR")
 
 
 def _eval_set(
