@@ -221,12 +221,14 @@ def _eval_set(
 
 
 def _router_truth(
-    model: torch.nn.Module, meta: ModelMeta, superclasses: str | os.PathLike[str] | None
+    model: torch.nn.Module, meta: ModelMeta, superclasses: str | os.PathLike[str] | None, ckpt: Path
 ) -> tuple[torch.Tensor | None, str | None]:
     """(super-class of each class [C], its superclasses.json) for a MoE's router accuracy, or (None, path)."""
     path = superclasses or meta.train.superclasses
     if not path or not getattr(model, "is_moe", False):
         return None, str(path) if path else None
+    if not superclasses:  # the one it was trained against: gone when its run was moved without it
+        existing_path(path, ckpt, "metadata train.superclasses", "pass --superclasses FILE")
     return torch.tensor(read_superclass_map(path, meta.class_names).assignment), str(path)
 
 
@@ -297,7 +299,7 @@ def evaluate(
     Returns the report, also written to ``json_out``."""
     ev = prepare_evaluation(checkpoint, data_dir, file_list, split, batch_size, num_workers, routing)
     ckpt, model, meta, data_dir, images = ev.ckpt, ev.model, ev.meta, ev.data_dir, ev.images
-    super_of, sc_path = _router_truth(model, meta, superclasses)
+    super_of, sc_path = _router_truth(model, meta, superclasses, ckpt)
     counts = run_counts(ev, super_of)
 
     result: dict[str, Any] = {
