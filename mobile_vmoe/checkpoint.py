@@ -66,7 +66,9 @@ class ModelMeta:
         train = asdict(self.train)
         for k in _PATHS:
             if train[k]:
-                train[k] = store_path(train[k], file.parent, root)
+                # the held-out list is its run directory's own file (RUN/heldout.txt): it always moves with it
+                within = Path(train[k]).parent if k == "heldout_list" else root
+                train[k] = store_path(train[k], file.parent, within)
         out = {
             "format": FORMAT,
             "model": self.model,

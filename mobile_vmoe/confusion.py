@@ -24,7 +24,6 @@ import numpy as np
 from .common import (
     UserError,
     atomic_path,
-    existing_path,
     load_path,
     move_root,
     read_json,
@@ -89,14 +88,13 @@ def check_counts(C: Any, what: str = "confusion matrix") -> np.ndarray:
 
 def _check_heldout(ckpt_file: Path, meta: ModelMeta, num_outputs: int, data_dir: Path | None) -> Path:
     """Where the held-out images are; every problem found before the model runs."""
+    source = "--data"
     if data_dir is None:
         if not meta.train.data_dir:
             raise UserError(f"{ckpt_file}: metadata train.data_dir is missing; pass --data DIR")
-        data_dir = existing_path(meta.train.data_dir, ckpt_file, "metadata train.data_dir", "pass --data DIR")
+        data_dir, source = Path(meta.train.data_dir), f"{ckpt_file}: metadata train.data_dir; pass --data DIR"
     if not data_dir.is_dir():
-        raise UserError(
-            f"dataset directory not found: {data_dir} (from --data or the dataset the checkpoint was trained on)"
-        )
+        raise UserError(f"dataset directory not found: {data_dir} (from {source})")
     if not meta.train.heldout_list or not Path(meta.train.heldout_list).is_file():
         raise UserError(
             f"{ckpt_file}: held-out list not found ({meta.train.heldout_list}); the super-class stage needs "

@@ -190,7 +190,12 @@ def _dataset_dir(ckpt: Path, meta: ModelMeta, data_dir: str | os.PathLike[str] |
         return Path(data_dir)
     if not meta.train.data_dir:
         raise UserError(f"{ckpt}: metadata train.data_dir is missing; pass --data DIR")
-    return existing_path(meta.train.data_dir, ckpt, "metadata train.data_dir", "pass --data DIR")
+    if not Path(meta.train.data_dir).is_dir():
+        raise UserError(
+            f"{ckpt}: metadata train.data_dir: the dataset it was trained on, {meta.train.data_dir}, is not there; "
+            f"pass --data DIR"
+        )
+    return Path(meta.train.data_dir)
 
 
 def _eval_set(

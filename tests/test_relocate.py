@@ -164,7 +164,7 @@ def test_a_dataset_left_behind_is_named_with_the_file_and_field(moved, tmp_path)
     run = tmp_path / "just_the_run"
     shutil.copytree(new / "moe", run)
     with pytest.raises(
-        UserError, match=r"model\.safetensors: metadata train\.data_dir .*data.* is not there"
+        UserError, match=r"model\.safetensors: metadata train\.data_dir: .*data.* is not there"
     ):
         evaluate(run)
     with pytest.raises(UserError, match=r"model\.safetensors: metadata train\.superclasses .* is not there"):
