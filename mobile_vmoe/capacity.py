@@ -1,5 +1,6 @@
-"""Inference routing of a per-token V-MoE: capacity ratio, priority (BPR or vanilla) and K, changed without
-retraining, and the accuracy vs capacity curve (``mobile-vmoe eval --capacity-ratio 1 0.5 0.25 --json C.json``)."""
+"""Inference routing of a per-token V-MoE: capacity ratio, priority (BPR or vanilla), K and the images routed
+together, changed without retraining, and the accuracy vs capacity curve
+(``mobile-vmoe eval --capacity-ratio 1 0.5 0.25 --group-size 1 8 --json C.json``)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ class InferenceRouting(NamedTuple):
     capacity_ratio: float | None = None
     bpr: bool | None = None
     top_k: int | None = None
+    group_size: int | None = None  # images whose tokens are routed together (eval_group_size)
 
 
 def apply_routing(model: torch.nn.Module, routing: InferenceRouting, where: Path) -> None:
     if getattr(model, "moe_routing", None) != "token":
         if any(v is not None for v in routing):
             raise UserError(
-                f"{where}: --capacity-ratio, --priority and --top-k apply to per-token V-MoE models "
+                f"{where}: --capacity-ratio, --priority, --top-k and --group-size apply to per-token V-MoE models "
                 f"(mobile_vmoe_token_*), not to {type(model).__name__}"
             )
         return
@@ -47,27 +49,44 @@ def capacity_curve(
     priorities: Sequence[str] = PRIORITIES,
     top_k: int | None = None,
     json_out: str | os.PathLike[str] | None = None,
+    group_sizes: Sequence[int] = (1,),
     **data: Any,
 ) -> CapacityCurve:
-    """Top-1 of a per-token V-MoE at each inference capacity ratio and priority (BPR, vanilla), on one set of
-    images loaded once; writes the curve (JSON) and its plot (PNG beside it) to ``json_out``."""
+    """Top-1 of a per-token V-MoE at each inference capacity ratio and priority (BPR, vanilla), for each number
+    of images routed together, on one set of images loaded once; writes the curve (JSON) and its plot (PNG
+    beside it) to ``json_out``."""
     bad = [p for p in priorities if p not in PRIORITIES]
     if bad or not priorities:
         raise UserError(f"--priority must be among {PRIORITIES}, got {priorities}")
     if not capacity_ratios or any(not r > 0 for r in capacity_ratios):
         raise UserError(f"--capacity-ratio needs values > 0, got {capacity_ratios}")
+    if not group_sizes or any(g < 1 for g in group_sizes):
+        raise UserError(f"--group-size needs values >= 1, got {list(group_sizes)}")
+    batch = int(data.get("batch_size", 256))
+    bad_groups = [g for g in group_sizes if batch % g]
+    if bad_groups:  # checked here for all of them, before any image is read
+        raise UserError(f"--group-size {bad_groups[0]} must divide --batch-size {batch}")
     from .evaluate import prepare_evaluation, run_counts, summarize_counts
 
     ev = prepare_evaluation(checkpoint, routing=InferenceRouting(top_k=top_k), **data)
     curve = CapacityCurve(ev.meta.model, str(ev.ckpt), int(top_k or ev.model.top_k), ev.images.source)
-    for priority in priorities:
-        for ratio in capacity_ratios:
-            apply_routing(ev.model, InferenceRouting(ratio, priority == "bpr", top_k), ev.ckpt)
-            s = summarize_counts(run_counts(ev))
-            curve.points.append(
-                CurvePoint(priority, float(ratio), s["top1"], s["top5"], s["dropped_fraction"])
-            )
-            log.info("%s capacity %g: top-1 %.4f", priority, ratio, s["top1"])
+    for group in group_sizes:
+        for priority in priorities:
+            for ratio in capacity_ratios:
+                apply_routing(ev.model, InferenceRouting(ratio, priority == "bpr", top_k, group), ev.ckpt)
+                s = summarize_counts(run_counts(ev))
+                P = ev.model.expert_capacity(ratio, group)
+                curve.points.append(
+                    CurvePoint(priority, float(ratio), s["top1"], s["top5"], s["dropped_fraction"], group, P)
+                )
+                log.info("%d image(s)/group, %s, capacity %g (P=%d): top-1 %.4f", group, priority, ratio, P,
+                         s["top1"])  # fmt: skip
+    for group, big, small, P in curve.same_routing():
+        log.warning(
+            "capacity ratios %g and %g give the same buffer with %d image(s) per group (P=%d slots per expert): "
+            "one routing measured twice; route more images together (--group-size) or use more tokens per image",
+            big, small, group, P,
+        )  # fmt: skip
     if json_out is not None:
         write_capacity_curve(json_out, curve)
         plot_capacity_curve(curve, Path(json_out).with_suffix(".png"))

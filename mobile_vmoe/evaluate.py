@@ -264,6 +264,9 @@ def prepare_evaluation(
         raise UserError(f"split must be 'val' or 'heldout', got {split!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
+    if routing is not None and routing.group_size and batch_size % routing.group_size:
+        # a batch routes whole groups only: a smaller group would silently change the routing measured
+        raise UserError(f"--group-size {routing.group_size} must divide --batch-size {batch_size}")
     ckpt = resolve_model_file(checkpoint)
     model, meta = load_model(ckpt)
     if routing is not None:  # before the images: a wrong option fails fast
@@ -321,7 +324,8 @@ def evaluate(
         result.update(num_experts=model.num_experts, top_k=model.top_k, superclasses=sc_path)
     if getattr(model, "moe_routing", None) == "token":
         mlp = model.moe_mlps()[0]
-        result.update(routing="token", capacity_ratio=mlp.eval_capacity_ratio, bpr=mlp.eval_bpr)
+        result.update(routing="token", capacity_ratio=mlp.eval_capacity_ratio, bpr=mlp.eval_bpr,
+                      group_size=mlp.eval_group_size)  # fmt: skip
     if json_out is not None:  # relocatable: paths inside the moving directory relative (common.store_paths)
         write_json_atomic(
             json_out, store_paths(result, json_out, ("checkpoint", "data_dir", "source", "superclasses"))
@@ -337,7 +341,8 @@ def _format(r: dict[str, Any]) -> str:
     ]
     if r.get("routing") == "token":
         lines.append(
-            f"per-token routing: capacity ratio {r['capacity_ratio']:g}, BPR {'on' if r['bpr'] else 'off'}, K={r['top_k']}"
+            f"per-token routing: capacity ratio {r['capacity_ratio']:g}, BPR {'on' if r['bpr'] else 'off'}, K={r['top_k']}, "
+            f"{r['group_size']} image(s) per routing group"
         )
         for i, (d, load) in enumerate(zip(r["dropped_fraction"], r["expert_load"])):
             lines.append(f"MoE block {i}: {100 * d:.1f} % of choices dropped; tokens per expert {load}")
@@ -355,22 +360,26 @@ def _cli(args: argparse.Namespace) -> int:
 
     if is_image_text_checkpoint(args.checkpoint):  # zero-shot, retrieval and routing analysis instead
         return image_text_cli(args)
-    ratios, priorities = args.capacity_ratio or [], args.priority or []
+    ratios, priorities, groups = args.capacity_ratio or [], args.priority or [], args.group_size or []
     data = dict(data_dir=args.data, file_list=args.file_list, split=args.split, batch_size=args.batch_size,
                 num_workers=args.num_workers)  # fmt: skip
-    if len(ratios) > 1 or len(priorities) > 1:
+    if len(ratios) > 1 or len(priorities) > 1 or len(groups) > 1:
         if not args.json:
             raise UserError(
-                "a capacity sweep (several --capacity-ratio or --priority values) needs --json OUT"
+                "a capacity sweep (several --capacity-ratio, --priority or --group-size values) needs --json OUT"
             )
         curve = capacity_curve(args.checkpoint, ratios or [1.0], priorities or list(PRIORITIES), args.top_k,
-                               args.json, **data)  # fmt: skip
+                               args.json, groups or [1], **data)  # fmt: skip
         for p in curve.points:
-            print(f"{p.priority:8s} capacity {p.capacity_ratio:<6g} top-1 {100 * p.top1:6.2f} %")
+            print(f"{p.group_size:3d} image(s)/group  {p.priority:8s} capacity {p.capacity_ratio:<6g} "
+                  f"P={p.capacity:<4d} top-1 {100 * p.top1:6.2f} %")  # fmt: skip
         print(f"wrote {args.json} and {Path(args.json).with_suffix('.png')}")
         return 0
     routing = InferenceRouting(
-        ratios[0] if ratios else None, (priorities[0] == "bpr") if priorities else None, args.top_k
+        ratios[0] if ratios else None,
+        (priorities[0] == "bpr") if priorities else None,
+        args.top_k,
+        groups[0] if groups else None,
     )
     r = evaluate(
         args.checkpoint,
@@ -418,6 +427,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--priority", choices=PRIORITIES, nargs="+", default=None,
                    help="bpr: Batch Priority Routing; vanilla: tokens in order (default for a sweep: both)")  # fmt: skip
     g.add_argument("--top-k", type=int, default=None, help="K experts per token")
+    g.add_argument("--group-size", type=int, nargs="+", default=None,
+                   help="images whose tokens are routed together (default: the model's, 1 = each image alone as "
+                   "on a phone; V-MoE evaluates groups of 8); several values: one curve each")  # fmt: skip
     t = p.add_argument_group("image-text models: the caption table's columns")
     t.add_argument("--csv-img-key", default="filepath", help="image path column (filepath)")
     t.add_argument("--csv-caption-key", default="title", help="caption column (title)")

@@ -96,6 +96,28 @@ class _Done(NamedTuple):
     summary: Any  # the stage's *Summary record
 
 
+def _check_pareto_ratios(c: Any, vmoe: Any) -> None:
+    """Each exported capacity has a top-1 on the eval curve (1 image per group, as the .pte runs) and a buffer
+    of its own: two ratios with one P at batch 1 would export the same model twice."""
+    missing = [r for r in c.pareto_capacity_ratios if r not in c.capacity_ratios]
+    if missing or (c.pareto_capacity_ratios and 1 not in c.capacity_group_sizes):
+        raise UserError(
+            f"pipeline config pareto_capacity_ratios: {missing or c.pareto_capacity_ratios} need a point on the "
+            f"eval curve: among capacity_ratios {c.capacity_ratios}, with 1 in capacity_group_sizes"
+        )
+    own = vmoe.moe_mlps()[0].eval_capacity_ratio  # vmoe.pte is exported at the model's own ratio
+    slots = {vmoe.expert_capacity(own, 1): f"{own:g} (vmoe.pte)"}
+    for r in c.pareto_capacity_ratios:
+        P = vmoe.expert_capacity(r, 1)
+        if P in slots:
+            raise UserError(
+                f"pipeline config pareto_capacity_ratios: {r:g} gives the same buffer as {slots[P]} at batch 1 "
+                f"(P={P} slots per expert for {c.vmoe_model}'s tokens): the same .pte twice; pick ratios with "
+                "distinct buffers"
+            )
+        slots[P] = f"{r:g}"
+
+
 class _Pipeline:
     def __init__(self, cfg: PipelineConfig, out: Path) -> None:
         self.cfg, self.out = cfg, out
@@ -157,12 +179,13 @@ class _Pipeline:
                 raise UserError(
                     f"pipeline config capacity_ratios: expected values > 0, got {c.capacity_ratios}"
                 )
-            missing = [r for r in c.pareto_capacity_ratios if r not in c.capacity_ratios]
-            if "pte" in c.formats and missing:
+            if not c.capacity_group_sizes or any(g < 1 or 256 % g for g in c.capacity_group_sizes):
                 raise UserError(
-                    f"pipeline config pareto_capacity_ratios: {missing} not among capacity_ratios "
-                    f"{c.capacity_ratios} (the eval stage's curve gives each export's top-1)"
+                    "pipeline config capacity_group_sizes: expected divisors of the eval batch (256), got "
+                    f"{c.capacity_group_sizes}"
                 )
+            if "pte" in c.formats:
+                _check_pareto_ratios(c, vmoe)
         if c.superclass_algorithm not in ALGORITHMS:
             raise UserError(f"pipeline config superclass_algorithm: expected one of {', '.join(ALGORITHMS)}")
         bad = sorted(set(c.formats) - {"pte", "coreml", "onnx"})
@@ -262,7 +285,8 @@ class _Pipeline:
             log.info("[eval] %s: top-1 %.2f %%", which, 100 * r["top1"])
             if r.get("routing") == "token":
                 curve = self.out / "eval" / f"{which}_capacity.json"
-                capacity_curve(self.run_dir(which), list(self.cfg.capacity_ratios), json_out=curve)
+                capacity_curve(self.run_dir(which), list(self.cfg.capacity_ratios), json_out=curve,
+                               group_sizes=list(self.cfg.capacity_group_sizes))  # fmt: skip
                 outputs += [curve, curve.with_suffix(".png")]
                 s.capacity_curves[which] = str(curve)
         return _Done(outputs, s)

@@ -39,6 +39,9 @@ class PipelineConfig:
     capacity_ratios: list[float] = field(
         default_factory=lambda: [2.0, 1.0, 0.5, 0.25, 0.1]
     )  # V-MoE eval sweep
+    # images routed together in that sweep, one curve each: 1 is what a phone runs at batch 1 (and what the
+    # Pareto plot uses); V-MoE evaluates groups of 8, where small ratios still leave distinct buffers
+    capacity_group_sizes: list[int] = field(default_factory=lambda: [1])
     # The per-token model's .pte also exported (and benched) at these inference capacity ratios, each one of
     # capacity_ratios (the eval curve gives its top-1): the report's accuracy vs latency plot. Applies only with
     # vmoe_model set and pte in formats (a run without exports, e.g. formats=[], ignores it).
@@ -60,7 +63,7 @@ FIRST_STAGE = {
     "name": "dense", "train": "data", "data": "data", "dense_model": "dense", "moe_model": "superclasses",
     "train_overrides": "data", "dense_overrides": "dense", "moe_overrides": "superclasses",
     "superclass_algorithm": "superclasses", "vmoe_model": "vmoe", "vmoe_overrides": "vmoe",
-    "capacity_ratios": "eval", "pareto_capacity_ratios": "export", "formats": "export", "int8": "export",
+    "capacity_ratios": "eval", "capacity_group_sizes": "eval", "pareto_capacity_ratios": "export", "formats": "export", "int8": "export",
     "num_verify": "export", "bench_warmup": "bench", "bench_iterations": "bench", "bench_threads": "bench",
     "seed": "dense",
 }  # fmt: skip

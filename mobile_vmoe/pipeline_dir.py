@@ -315,17 +315,26 @@ def check_config_change(
 ) -> None:  # fmt: skip
     """A changed config must be redone from the first stage it changes (``first_stage``: key -> stage) or
     earlier; ``scheduling`` keys change how a stage runs, not what it writes, and never force a redo."""
-    changed = [k for k in changed_keys(out, cfg) if k not in scheduling]
-    if not changed:
-        return
+    need = first_changed_stage(out, cfg, first_stage, scheduling, plan)
     stages = plan.stages
-    need = min(stages.index(first_stage.get(k, stages[0])) for k in changed)
-    if start is None or stages.index(start) > need:
+    if need is not None and (start is None or stages.index(start) > stages.index(need)):
+        changed = [k for k in changed_keys(out, cfg) if k not in scheduling]
         raise UserError(
             f"{out / PIPELINE_YAML}: this run was made with another config (differs in {', '.join(changed)}); "
-            f"pass --from {stages[need]} (or an earlier stage) to redo from the first stage it changes, or use "
+            f"pass --from {need} (or an earlier stage) to redo from the first stage it changes, or use "
             f"another --out"
         )
+
+
+def first_changed_stage(
+    out: Path, cfg: Any, first_stage: Mapping[str, str], scheduling: set[str], plan: StagePlan = CLASSIFIER
+) -> str | None:
+    """The earliest stage ``cfg`` changes against the run in ``out`` (None: nothing to redo, or no run yet)."""
+    changed = [k for k in changed_keys(out, cfg) if k not in scheduling]
+    if not changed:
+        return None
+    stages = plan.stages
+    return stages[min(stages.index(first_stage.get(k, stages[0])) for k in changed)]
 
 
 @contextlib.contextmanager

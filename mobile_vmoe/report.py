@@ -408,16 +408,25 @@ def _token_routing_section(r: _Run, ev: dict[str, Any] | None) -> list[str]:
     curve_file = r.stages["eval"].capacity_curves.get("vmoe")
     if curve_file:
         curve = read_capacity_curve(curve_file)
-        md += ["Top-1 against the inference capacity ratio (no retraining):", ""]
+        ratios = sorted({p.capacity_ratio for p in curve.points}, reverse=True)
         md += [
-            "| priority | "
-            + " | ".join(f"{p.capacity_ratio:g}" for p in curve.points if p.priority == "bpr")
-            + " |"
+            "Top-1 against the inference capacity ratio (no retraining); P is the buffer slots per expert for "
+            "the images routed together (1 image: what a phone runs at batch 1):",
+            "",
+            "| images per group | priority | " + " | ".join(f"{c:g}" for c in ratios) + " |",
+            "|---:|---|" + "---:|" * len(ratios),
         ]
-        md += ["|---|" + "---:|" * sum(p.priority == "bpr" for p in curve.points)]
-        for pr in ("bpr", "vanilla"):
+        for g in curve.group_sizes():
+            for pr in ("bpr", "vanilla"):
+                pts = [curve.point(pr, c, g) for c in ratios]
+                cells = [
+                    _pct(p.top1) + (f" (P={p.capacity})" if p.capacity else "") if p else "–" for p in pts
+                ]
+                md.append(f"| {g} | {pr} | " + " | ".join(cells) + " |")
+        for g, big, small, P in curve.same_routing():
             md.append(
-                f"| {pr} | " + " | ".join(_pct(p.top1) for p in curve.points if p.priority == pr) + " |"
+                f"\nWith {g} image(s) per group, capacity ratios {big:g} and {small:g} give the same buffer (P={P}): "
+                "one routing, measured twice; more images per group (or more tokens per image) separate them."
             )
         png = Path(curve_file).with_suffix(".png")
         md += ["", f"![capacity]({png.relative_to(r.out).as_posix()})", ""]

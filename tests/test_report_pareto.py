@@ -122,7 +122,7 @@ def test_pareto_capacity_ratios_config(tmp_path):
     bad = load_pipeline_config(
         "quick", ["vmoe_model=mobile_vmoe_token_nano_patch4_32", "pareto_capacity_ratios=[0.3]"]
     )
-    with pytest.raises(UserError, match=r"pareto_capacity_ratios: \[0.3\] not among capacity_ratios"):
+    with pytest.raises(UserError, match=r"pareto_capacity_ratios: \[0.3\] need a point on the eval curve"):
         run_pipeline(bad, tmp_path / "bad")
     assert not (tmp_path / "bad" / "stages").exists()
     # a run directory made before the option existed reads it as its default (no export redo asked for)

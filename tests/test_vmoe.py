@@ -189,6 +189,53 @@ def test_eval_capacity_sweep_writes_curve_and_plot(token_run, tmp_path, capsys):
     assert "capacity ratio 0.1, BPR off" in capsys.readouterr().out
 
 
+def test_capacity_sweep_over_group_sizes_says_when_ratios_share_a_buffer(token_run, tmp_path, caplog, capsys):
+    """5 tokens per image, E=4: alone, every ratio <= 0.6 leaves P=1 (one routing measured three times); routed
+    4 images together, the same ratios keep buffers of their own (the flat-curve flaw the group sweep fixes)."""
+    from mobile_vmoe.cli import main
+    from mobile_vmoe.files.capacity_curve import read_capacity_curve
+
+    out = tmp_path / "groups.json"
+    args = ["eval", "--checkpoint", str(token_run), "--capacity-ratio", "1", "0.5", "0.25", "--priority", "bpr",
+            "--group-size", "1", "4", "--batch-size", "8", "--json", str(out)]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    curve = read_capacity_curve(out)
+    assert curve.group_sizes() == [1, 4]
+    assert [(p.group_size, p.capacity_ratio, p.capacity) for p in curve.points] == [
+        (1, 1.0, 2), (1, 0.5, 1), (1, 0.25, 1), (4, 1.0, 5), (4, 0.5, 3), (4, 0.25, 2),
+    ]  # fmt: skip
+    assert curve.same_routing() == [(1, 0.5, 0.25, 1)]
+    assert "0.5 and 0.25 give the same buffer with 1 image(s) per group" in caplog.text
+    alone, grouped = curve.point("bpr", 0.5, 1), curve.point("bpr", 0.5, 4)
+    assert curve.top1("bpr", 0.5) == alone.top1 and grouped.group_size == 4
+    # a group that does not divide the batch is refused before any image is read
+    assert main([*args[:-2], "--batch-size", "6", "--json", str(tmp_path / "x.json")]) == 2
+    assert "--group-size 4 must divide --batch-size 6" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_pipeline_refuses_pareto_ratios_with_one_buffer(tmp_path):
+    from mobile_vmoe.common import UserError
+    from mobile_vmoe.pipeline import _check_pareto_ratios, load_pipeline_config, run_pipeline
+
+    # 17 tokens per image, E=10: ratios 0.5 and 0.25 both leave P=1 at batch 1, the same .pte twice
+    cfg = load_pipeline_config(
+        "quick", ["vmoe_model=mobile_vmoe_token_nano_patch8_32", "capacity_ratios=[1.0,0.5,0.25]",
+                  "pareto_capacity_ratios=[0.5,0.25]", "vmoe_overrides=[moe_kwargs.num_experts=10]"],
+    )  # fmt: skip
+    match = r"0.25 gives the same buffer as 0.5 at batch 1 \(P=1"
+    with pytest.raises(UserError, match=match):  # the check itself first: it must not start a pipeline
+        _check_pareto_ratios(cfg, timm.create_model(cfg.vmoe_model, img_size=32, num_experts=10))
+    with pytest.raises(UserError, match=match):
+        run_pipeline(cfg, tmp_path / "p")
+    assert not (tmp_path / "p" / "stages").exists()
+    for preset in ("threeway", "threeway_mnist", "threeway_digits"):  # the shipped presets pass the check
+        c = load_pipeline_config(preset)
+        assert c.capacity_group_sizes == [1, 8] and c.pareto_capacity_ratios
+        _check_pareto_ratios(c, timm.create_model(c.vmoe_model))
+
+
 def test_eval_routing_options_need_a_per_token_model(tmp_path, capsys):
     import timm
 

@@ -3,8 +3,9 @@
 model, checkpoint   what was evaluated (relative to the file inside a moving directory: common.store_paths)
 top_k               K at inference
 source              the images (a val/ folder or a file list)
-points              one per (priority, capacity ratio): top1, top5, and the fraction of choices dropped in
-                    each MoE block
+points              one per (images per routing group, priority, capacity ratio): top1, top5, the fraction of
+                    choices dropped in each MoE block, and P, the buffer slots per expert (``capacity``); files
+                    written before groups were swept have neither group_size nor capacity (read: 1 image, 0)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class CurvePoint:
     top1: float
     top5: float
     dropped_fraction: list[float]  # [L] per MoE block
+    group_size: int = 1  # images whose tokens are routed together (1: each image alone, as on a phone)
+    capacity: int = 0  # P buffer slots per expert for that group; two ratios with one P are one routing
 
 
 @dataclass
@@ -37,11 +40,35 @@ class CapacityCurve:
     source: str
     points: list[CurvePoint] = field(default_factory=list)
 
-    def top1(self, priority: str, capacity_ratio: float) -> float | None:
+    def point(self, priority: str, capacity_ratio: float, group_size: int = 1) -> CurvePoint | None:
         for p in self.points:
-            if p.priority == priority and abs(p.capacity_ratio - capacity_ratio) < 1e-9:
-                return p.top1
+            if (
+                p.priority == priority
+                and p.group_size == group_size
+                and abs(p.capacity_ratio - capacity_ratio) < 1e-9
+            ):
+                return p
         return None
+
+    def top1(self, priority: str, capacity_ratio: float, group_size: int = 1) -> float | None:
+        p = self.point(priority, capacity_ratio, group_size)
+        return None if p is None else p.top1
+
+    def group_sizes(self) -> list[int]:
+        return sorted({p.group_size for p in self.points})
+
+    def same_routing(self) -> list[tuple[int, float, float, int]]:
+        """(group size, ratio, smaller ratio, P) where two ratios give the same buffer: the same routing twice."""
+        out, seen = [], {}
+        for p in sorted(self.points, key=lambda p: (p.group_size, -p.capacity_ratio)):
+            if p.capacity <= 0 or p.priority != self.points[0].priority:
+                continue
+            key = (p.group_size, p.capacity)
+            if key in seen:
+                out.append((p.group_size, seen[key], p.capacity_ratio, p.capacity))
+            else:
+                seen[key] = p.capacity_ratio
+        return out
 
 
 _PATHS = ("checkpoint", "source")
@@ -72,8 +99,11 @@ def read_capacity_curve(path: str | os.PathLike[str]) -> CapacityCurve:
 
 
 def plot_rows(curve: CapacityCurve) -> dict[str, list[tuple[float, float]]]:
-    """priority -> [(capacity ratio, top-1)], sorted by ratio (what the plot draws)."""
+    """line label -> [(capacity ratio, top-1)], sorted by ratio (what the plot draws): one line per priority,
+    and per group size when several were swept."""
+    several = len(curve.group_sizes()) > 1
     out: dict[str, list[tuple[float, float]]] = {}
     for p in curve.points:
-        out.setdefault(p.priority, []).append((p.capacity_ratio, p.top1))
+        label = f"{p.priority}, {p.group_size} image(s)/group" if several else p.priority
+        out.setdefault(label, []).append((p.capacity_ratio, p.top1))
     return {k: sorted(v) for k, v in out.items()}

@@ -272,11 +272,16 @@ class ImageTextTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_routing(
-        self, capacity_ratio: float | None = None, bpr: bool | None = None, top_k: int | None = None
+        self,
+        capacity_ratio: float | None = None,
+        bpr: bool | None = None,
+        top_k: int | None = None,
+        group_size: int | None = None,
     ) -> None:
-        """Inference-time capacity ratio, BPR and K for every MoE block (no retraining)."""
+        """Inference-time capacity ratio, BPR, K and images per routing group for every MoE block (no
+        retraining)."""
         for mlp in self.moe_mlps():
-            mlp.set_routing(capacity_ratio, bpr, top_k)
+            mlp.set_routing(capacity_ratio, bpr, top_k, group_size)
         if top_k is not None and self.is_moe:
             self.top_k = int(top_k)
 

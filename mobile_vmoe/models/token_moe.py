@@ -284,9 +284,17 @@ class TokenMoEMlp(nn.Module):
         )
 
     def set_routing(
-        self, capacity_ratio: float | None = None, bpr: bool | None = None, top_k: int | None = None
+        self,
+        capacity_ratio: float | None = None,
+        bpr: bool | None = None,
+        top_k: int | None = None,
+        group_size: int | None = None,
     ) -> None:
-        """Inference-time routing: capacity ratio, BPR on/off, K (no retraining)."""
+        """Inference-time routing: capacity ratio, BPR on/off, K, images routed together (no retraining)."""
+        if group_size is not None:
+            if group_size < 1:
+                raise ValueError(f"group_size must be >= 1, got {group_size}")
+            self.eval_group_size = int(group_size)
         if capacity_ratio is not None:
             if not capacity_ratio > 0:
                 raise ValueError(f"capacity_ratio must be > 0, got {capacity_ratio}")

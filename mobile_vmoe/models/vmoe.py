@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from .moe import expert_bias_names
-from .token_moe import TokenMoEMlp, TokenRouting
+from .token_moe import TokenMoEMlp, TokenRouting, expert_capacity
 from .vit import MODEL_SIZES, RESOLUTIONS, SMALL_IMAGE_SIZES, _cfg, base_args, build_variant, register_variant
 
 __all__ = ["TokenVMoE", "TOKEN_VARIANTS", "moe_block_indices"]
@@ -102,6 +102,12 @@ class TokenVMoE(VisionTransformer):
         return True
 
     @torch.jit.ignore
+    def expert_capacity(self, capacity_ratio: float, group_size: int = 1) -> int:
+        """P, the buffer slots per expert, for a group of ``group_size`` images at ``capacity_ratio``."""
+        T = self.patch_embed.num_patches + self.num_prefix_tokens
+        return expert_capacity(group_size * T, self.top_k, capacity_ratio, self.num_experts)
+
+    @torch.jit.ignore
     def moe_mlps(self) -> list[TokenMoEMlp]:
         """The MoE layers, in block order."""
         return [self.blocks[i].mlp for i in self.moe_indices]
@@ -112,11 +118,16 @@ class TokenVMoE(VisionTransformer):
 
     @torch.jit.ignore
     def set_routing(
-        self, capacity_ratio: float | None = None, bpr: bool | None = None, top_k: int | None = None
+        self,
+        capacity_ratio: float | None = None,
+        bpr: bool | None = None,
+        top_k: int | None = None,
+        group_size: int | None = None,
     ) -> None:
-        """Inference-time capacity ratio, BPR and K for every MoE block (no retraining)."""
+        """Inference-time capacity ratio, BPR, K and images per routing group for every MoE block (no
+        retraining)."""
         for mlp in self.moe_mlps():
-            mlp.set_routing(capacity_ratio, bpr, top_k)
+            mlp.set_routing(capacity_ratio, bpr, top_k, group_size)
         if top_k is not None:
             self.top_k = int(top_k)
 
