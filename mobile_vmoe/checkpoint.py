@@ -10,8 +10,10 @@ A model file is a ``.safetensors`` file whose string metadata says how to rebuil
     prompt_templates  JSON list of zero-shot prompt templates ("a photo of the {}."), image-text models only
 Nothing is unpickled: weights come from safetensors, metadata from JSON.
 
-Paths inside the run directory (the held-out list) are stored relative to the model file's folder, so a moved
-or copied run directory keeps pointing at its own files.
+Paths in ``train`` (dataset, held-out list, super-classes, init weights) that lie inside the directory moving
+with the file (the run directory, or the pipeline directory holding it) are stored relative to the model file's
+folder, so a moved or copied run or pipeline directory keeps pointing at its own files (common.store_path);
+others (a user's dataset elsewhere) stay absolute.
 
 ``load_model`` accepts such a file, or a run directory holding ``model.safetensors`` (written by training).
 """
@@ -27,12 +29,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .common import UserError, atomic_path
+from .common import UserError, atomic_path, load_path, move_root, store_path
 from .preprocess import Preprocess
 
 FORMAT = "mobile-vmoe/2"
 _READABLE = ("mobile-vmoe/1", FORMAT)
 MODEL_FILE = "model.safetensors"
+_PATHS = ("data_dir", "heldout_list", "superclasses", "init_from")  # the TrainInfo fields holding paths
 
 
 @dataclass
@@ -58,12 +61,14 @@ class ModelMeta:
         default_factory=list
     )  # image-text: class_names fill them for zero-shot
 
-    def to_strings(self, file: Path) -> dict[str, str]:
+    def to_strings(self, file: Path, root: Path) -> dict[str, str]:
+        """The file's string metadata; ``root``: the directory that moves with ``file``."""
         train = asdict(self.train)
-        if train["heldout_list"]:
-            train["heldout_list"] = os.path.relpath(
-                Path(train["heldout_list"]).absolute(), file.parent.absolute()
-            )
+        for k in _PATHS:
+            if train[k]:
+                # the held-out list is its run directory's own file (RUN/heldout.txt): it always moves with it
+                within = Path(train[k]).parent if k == "heldout_list" else root
+                train[k] = store_path(train[k], file.parent, within)
         out = {
             "format": FORMAT,
             "model": self.model,
@@ -77,13 +82,19 @@ class ModelMeta:
         return out
 
 
-def save_model(path: str | os.PathLike[str], model: torch.nn.Module, meta: ModelMeta) -> Path:
-    """Write weights + metadata atomically (temporary file, then rename)."""
+def save_model(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    meta: ModelMeta,
+    root: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write weights + metadata atomically (temporary file, then rename). ``root``: the directory that moves with
+    the file (paths inside it are stored relative); default ``move_root`` of its folder."""
     model = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata=meta.to_strings(path))
+        save_file(state, str(tmp), metadata=meta.to_strings(path, Path(root or move_root(path.parent))))
     return path
 
 
@@ -111,8 +122,9 @@ def _train_info(obj: Any, p: Path) -> TrainInfo:
         if not ok:
             raise UserError(f"{p}: metadata train.{k} has the wrong type ({v!r})")
     info = TrainInfo(**{k: v for k, v in vals.items() if v is not None})
-    if info.heldout_list and not Path(info.heldout_list).is_absolute():
-        info.heldout_list = str((p.parent / info.heldout_list).resolve())
+    for k in _PATHS:  # absolute in memory (older files hold absolute paths but the held-out list)
+        if getattr(info, k):
+            setattr(info, k, str(load_path(getattr(info, k), p.parent)))
     return info
 
 

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .common import UserError, atomic_path, read_json, write_json_atomic, write_text_atomic
+from .common import (
+    UserError,
+    atomic_path,
+    load_path,
+    move_root,
+    read_json,
+    store_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from .checkpoint import ModelMeta
@@ -79,14 +88,13 @@ def check_counts(C: Any, what: str = "confusion matrix") -> np.ndarray:
 
 def _check_heldout(ckpt_file: Path, meta: ModelMeta, num_outputs: int, data_dir: Path | None) -> Path:
     """Where the held-out images are; every problem found before the model runs."""
+    source = "--data"
     if data_dir is None:
         if not meta.train.data_dir:
             raise UserError(f"{ckpt_file}: metadata train.data_dir is missing; pass --data DIR")
-        data_dir = Path(meta.train.data_dir)
+        data_dir, source = Path(meta.train.data_dir), f"{ckpt_file}: metadata train.data_dir; pass --data DIR"
     if not data_dir.is_dir():
-        raise UserError(
-            f"dataset directory not found: {data_dir} (from --data or the dataset the checkpoint was trained on)"
-        )
+        raise UserError(f"dataset directory not found: {data_dir} (from {source})")
     if not meta.train.heldout_list or not Path(meta.train.heldout_list).is_file():
         raise UserError(
             f"{ckpt_file}: held-out list not found ({meta.train.heldout_list}); the super-class stage needs "
@@ -163,7 +171,8 @@ def write_confusion(out_dir: str | os.PathLike[str], conf: Confusion) -> list[Pa
     for name, row in zip(conf.class_names, conf.counts):
         w.writerow([name, *(int(v) if float(v).is_integer() else float(v) for v in row)])
     write_text_atomic(csv_path, buf.getvalue())
-    data_dir = str(conf.data_dir) if conf.data_dir is not None else None
+    # relative when the dataset moves with out_dir (a pipeline's generated data): common.store_path
+    data_dir = store_path(conf.data_dir, out_dir, move_root(out_dir)) if conf.data_dir is not None else None
     write_json_atomic(classes, {"class_names": conf.class_names, "data_dir": data_dir})
     return [npy, csv_path, classes]
 
@@ -194,4 +203,5 @@ def read_confusion(out_dir: str | os.PathLike[str]) -> Confusion:
             f"{out_dir / CONFUSION_NPY}; got {json.dumps(names)[:80]}"
         )
     data_dir = obj.get("data_dir")
-    return Confusion(counts.astype(np.int64), [str(c) for c in names], Path(data_dir) if data_dir else None)
+    data = load_path(data_dir, out_dir) if isinstance(data_dir, str) and data_dir else None
+    return Confusion(counts.astype(np.int64), [str(c) for c in names], data)

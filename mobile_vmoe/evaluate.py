@@ -22,7 +22,7 @@ import torch
 
 from .capacity import InferenceRouting, apply_routing, capacity_curve
 from .checkpoint import ModelMeta, load_model, resolve_model_file
-from .common import UserError, write_json_atomic
+from .common import UserError, existing_path, store_paths, write_json_atomic
 from .data import ImageListDataset, collate_skip_bad, scan_dataset
 from .files.capacity_curve import PRIORITIES
 from .files.file_list import Sample, read_file_list
@@ -182,7 +182,8 @@ class EvalSet(NamedTuple):
 
 
 def _dataset_dir(ckpt: Path, meta: ModelMeta, data_dir: str | os.PathLike[str] | None) -> Path:
-    """``data_dir``, or the dataset the model was trained on (stored absolute: a moved dataset needs --data)."""
+    """``data_dir``, or the dataset the model was trained on (it moves with the run directory only when inside it
+    or its pipeline directory: a dataset moved on its own needs --data)."""
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise UserError(f"dataset directory not found: {data_dir}")
@@ -191,7 +192,8 @@ def _dataset_dir(ckpt: Path, meta: ModelMeta, data_dir: str | os.PathLike[str] |
         raise UserError(f"{ckpt}: metadata train.data_dir is missing; pass --data DIR")
     if not Path(meta.train.data_dir).is_dir():
         raise UserError(
-            f"{ckpt}: the dataset it was trained on, {meta.train.data_dir}, is not there; pass --data DIR"
+            f"{ckpt}: metadata train.data_dir: the dataset it was trained on, {meta.train.data_dir}, is not there; "
+            f"pass --data DIR"
         )
     return Path(meta.train.data_dir)
 
@@ -224,12 +226,14 @@ def _eval_set(
 
 
 def _router_truth(
-    model: torch.nn.Module, meta: ModelMeta, superclasses: str | os.PathLike[str] | None
+    model: torch.nn.Module, meta: ModelMeta, superclasses: str | os.PathLike[str] | None, ckpt: Path
 ) -> tuple[torch.Tensor | None, str | None]:
     """(super-class of each class [C], its superclasses.json) for a MoE's router accuracy, or (None, path)."""
     path = superclasses or meta.train.superclasses
     if not path or not getattr(model, "is_moe", False):
         return None, str(path) if path else None
+    if not superclasses:  # the one it was trained against: gone when its run was moved without it
+        existing_path(path, ckpt, "metadata train.superclasses", "pass --superclasses FILE")
     return torch.tensor(read_superclass_map(path, meta.class_names).assignment), str(path)
 
 
@@ -303,7 +307,7 @@ def evaluate(
     Returns the report, also written to ``json_out``."""
     ev = prepare_evaluation(checkpoint, data_dir, file_list, split, batch_size, num_workers, routing)
     ckpt, model, meta, data_dir, images = ev.ckpt, ev.model, ev.meta, ev.data_dir, ev.images
-    super_of, sc_path = _router_truth(model, meta, superclasses)
+    super_of, sc_path = _router_truth(model, meta, superclasses, ckpt)
     counts = run_counts(ev, super_of)
 
     result: dict[str, Any] = {
@@ -322,8 +326,10 @@ def evaluate(
         mlp = model.moe_mlps()[0]
         result.update(routing="token", capacity_ratio=mlp.eval_capacity_ratio, bpr=mlp.eval_bpr,
                       group_size=mlp.eval_group_size)  # fmt: skip
-    if json_out is not None:
-        write_json_atomic(json_out, result)
+    if json_out is not None:  # relocatable: paths inside the moving directory relative (common.store_paths)
+        write_json_atomic(
+            json_out, store_paths(result, json_out, ("checkpoint", "data_dir", "source", "superclasses"))
+        )
     return result
 
 

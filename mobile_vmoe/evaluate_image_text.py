@@ -29,7 +29,7 @@ from torch import nn
 from .capacity import InferenceRouting, apply_routing
 from .captions import CaptionSet, ImageTextDataset, caption_splits, read_caption_set
 from .checkpoint import ModelMeta, load_model, read_meta, resolve_model_file
-from .common import UserError
+from .common import UserError, existing_path
 from .files.captions import OPEN_CLIP_COLUMNS, CaptionColumns
 from .files.image_text_eval import (
     BlockRouting,
@@ -272,7 +272,7 @@ def _eval_source(ckpt: Path, meta: ModelMeta, data: str | os.PathLike[str] | Non
     if data is None:
         if not meta.train.data_dir:
             raise UserError(f"{ckpt}: metadata train.data_dir is missing; pass --data CAPTION_SET")
-        data = meta.train.data_dir
+        data = existing_path(meta.train.data_dir, ckpt, "metadata train.data_dir", "pass --data CAPTION_SET")
     if not Path(data).exists():
         raise UserError(f"caption set not found: {data} (pass --data CAPTION_SET)")
     return caption_splits(data)[-1]  # [train, val] of the built-in layout: val; else the one source

@@ -40,11 +40,10 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .common import UserError
+from .common import UserError, existing_path
 from .config import list_presets, model_kwargs
 from .files.stage_marker import StageMarker, marker_path, write_marker
 from .pipeline_config import (
@@ -72,6 +71,7 @@ from .pipeline_dir import (
     not_done,
     prepare,
     read_summary,
+    summary_result,
     wait_for,
 )
 from .pipeline_limoe import STAGES as LIMOE_STAGES
@@ -299,6 +299,7 @@ class _Pipeline:
         from .files.sidecar import sidecar_path
 
         s = ExportSummary({}, {})
+        (self.out / "export").mkdir(parents=True, exist_ok=True)  # also with formats=[]: its marker lists it
         jobs = []
         for which, fmt, quant, path, capacity in self._artifacts():
             if path.exists() and sidecar_path(path).is_file():
@@ -348,7 +349,9 @@ class _Pipeline:
         """One validation image per class (sorted files would feed the benchmark a single class / expert)."""
         from .data import scan_dataset
 
-        data_dir = Path(self.summary("data").data_dir)
+        data_dir = existing_path(
+            self.summary("data").data_dir, marker_path(self.out, "data"), "result.data_dir"
+        )
         d = self.out / "bench" / "images"
         if d.is_dir():
             return d
@@ -393,7 +396,7 @@ class _Pipeline:
             done: _Done = getattr(self, stage)()
             seconds = round(time.perf_counter() - t0, 2)
             rel = [p.relative_to(self.out).as_posix() for p in done.outputs]
-            write_marker(self.out, StageMarker(stage, seconds, rel, asdict(done.summary)))
+            write_marker(self.out, StageMarker(stage, seconds, rel, summary_result(self.out, done.summary)))
             log.info("[%s] done in %.1f s", stage, seconds)
 
 

@@ -2,7 +2,9 @@
 
     OUT/pipeline.yaml          the resolved config (its presence makes OUT a pipeline directory)
     OUT/stages/<stage>.json    a finished stage's StageMarker (files.stage_marker): the outputs it vouches for,
-                               relative to OUT, and the stage's summary record (below) as its ``result``
+                               relative to OUT, and the stage's summary record (below) as its ``result``, whose
+                               paths inside OUT are stored relative to OUT too (common.store_path): a moved or
+                               copied OUT resumes with nothing redone
     OUT/.lock                  flock-ed by the run that writes OUT
 
 A stage is done when its marker exists, holds its summary record, and every output it vouches for is there.
@@ -20,11 +22,11 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .common import UserError, write_text_atomic
+from .common import PIPELINE_YAML, UserError, load_path, store_path, write_text_atomic
 from .config import config_to_dict, dump_yaml
 from .files.stage_marker import StageMarker, marker_path, read_marker
 
@@ -34,11 +36,10 @@ __all__ = [
     "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary",
     "ExportSummary", "LIMOE", "LIMOE_MODELS", "LIMOE_STAGES", "LimoeEvalSummary", "StagePlan",
     "check_config_change", "check_out_dir", "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
-    "not_done", "prepare", "read_summary", "wait_for",
+    "not_done", "prepare", "read_summary", "summary_result", "wait_for",
 ]  # fmt: skip
 
 STAGES = ("data", "dense", "confusion", "superclasses", "moe", "vmoe", "eval", "export", "bench", "report")
-PIPELINE_YAML = "pipeline.yaml"
 LOCK_FILE = ".lock"
 # a generated dataset is kept on a redo: prepare_dataset rebuilds it when incomplete or changed
 KEEP_ON_REDO = ("data",)
@@ -54,10 +55,13 @@ def capacity_export_name(which: str, capacity_ratio: float) -> str:
 # What each stage's marker records (StageMarker.result); the report reads them back with read_summary
 # ---------------------------------------------------------------------------------------------------------------
 
+# a summary field holding a path (or a dict of them): absolute in memory, relative to OUT on disk when inside it
+PATH = {"path": True}
+
 
 @dataclass
 class DataSummary:
-    data_dir: str
+    data_dir: str = field(metadata=PATH)
     num_classes: int
     train: int  # training images, held-out ones included
     val: int
@@ -65,8 +69,8 @@ class DataSummary:
 
 @dataclass
 class TrainSummary:
-    run: str
-    model_file: str
+    run: str = field(metadata=PATH)  # "" for a model the config leaves out
+    model_file: str = field(metadata=PATH)
 
 
 @dataclass
@@ -78,7 +82,7 @@ class ConfusionSummary:
 
 @dataclass
 class SuperclassSummary:
-    file: str
+    file: str = field(metadata=PATH)
     within_mass: float | None
     ari_vs_truth: float | None
     warnings: list[str]
@@ -89,24 +93,26 @@ class EvalSummary:
     top1: dict[str, float]  # by model: dense, moe, vmoe
     top5: dict[str, float]
     num_images: dict[str, int]
-    capacity_curves: dict[str, str]  # per-token models: the accuracy vs capacity curve (files.capacity_curve)
+    capacity_curves: dict[str, str] = field(
+        metadata=PATH
+    )  # per-token models: the accuracy vs capacity curve (files.capacity_curve)
 
 
 @dataclass
 class ExportSummary:
-    artifacts: dict[str, str]  # file name -> path
+    artifacts: dict[str, str] = field(metadata=PATH)  # file name -> path
     failed_verification: dict[str, str]  # file name -> why (int8 only; the others are fatal)
 
 
 @dataclass
 class BenchSummary:
-    results: dict[str, str]  # artifact file name -> bench result JSON
+    results: dict[str, str] = field(metadata=PATH)  # artifact file name -> bench result JSON
 
 
 @dataclass
 class ReportSummary:
-    markdown: str
-    html: str
+    markdown: str = field(metadata=PATH)
+    html: str = field(metadata=PATH)
 
 
 SUMMARIES: dict[str, type] = {
@@ -134,7 +140,7 @@ LIMOE_STAGES = ("data", *LIMOE_MODELS, "eval", "export", "bench", "report")
 
 @dataclass
 class LimoeEvalSummary:
-    files: dict[str, str]  # model -> its evaluation (files.image_text_eval)
+    files: dict[str, str] = field(metadata=PATH)  # model -> its evaluation (files.image_text_eval)
     zero_shot_top1: dict[str, float | None]  # None: the caption set has no labels or class names
     image_to_text_r1: dict[str, float]
 
@@ -145,18 +151,34 @@ LIMOE = StagePlan(LIMOE_STAGES, {
 })  # fmt: skip
 
 
-def _summary(m: StageMarker, plan: StagePlan) -> Any:
-    """The stage's summary record, or None when the marker predates it (its stage is then redone)."""
+def _paths(summary: Any, convert: Any) -> Any:
+    """``summary`` with ``convert`` applied to each path of its PATH fields ("" stays "": no model)."""
+    out = asdict(summary)
+    for f in fields(summary):
+        if f.metadata.get("path"):
+            v = out[f.name]
+            out[f.name] = {k: convert(p) for k, p in v.items()} if isinstance(v, dict) else convert(v)
+    return type(summary)(**out)
+
+
+def summary_result(out: Path, summary: Any) -> dict[str, Any]:
+    """What a marker of OUT records of ``summary`` (its ``result``): paths inside OUT relative to OUT."""
+    return asdict(_paths(summary, lambda p: store_path(p, out, out) if p else ""))
+
+
+def _summary(m: StageMarker, plan: StagePlan, out: Path) -> Any:
+    """The stage's summary record (paths absolute), or None when the marker predates it (its stage is then
+    redone). Markers of older versions hold absolute paths: they still load."""
     cls = plan.summaries[m.stage]
     if set(m.result) != {f.name for f in fields(cls)}:
         return None
-    return cls(**m.result)
+    return _paths(cls(**m.result), lambda p: str(load_path(p, out)) if p else "")
 
 
 def read_summary(out: str | os.PathLike[str], stage: str, plan: StagePlan = CLASSIFIER) -> Any:
     """The summary record a finished stage left in its marker, or None if the stage has not finished."""
     m = read_marker(out, stage)
-    return _summary(m, plan) if m is not None else None
+    return _summary(m, plan, Path(out)) if m is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,7 +201,7 @@ def not_done(out: Path, stage: str, plan: StagePlan = CLASSIFIER) -> str | None:
         return "no marker"
     for rel in m.outputs:
         _inside(out, rel, marker_path(out, stage))
-    if _summary(m, plan) is None:
+    if _summary(m, plan, out) is None:
         return "its marker was written by an older mobile-vmoe"
     missing = m.missing_outputs(out)
     if missing:

@@ -31,7 +31,7 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +53,7 @@ from .pipeline_dir import (
     locked,
     prepare,
     read_summary,
+    summary_result,
 )
 
 log = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ class _LimoePipeline:
             done: _Done = getattr(self, stage)()
             seconds = round(time.perf_counter() - t0, 2)
             rel = [p.relative_to(self.out).as_posix() for p in done.outputs]
-            write_marker(self.out, StageMarker(stage, seconds, rel, asdict(done.summary)))
+            write_marker(self.out, StageMarker(stage, seconds, rel, summary_result(self.out, done.summary)))
             log.info("[%s] done in %.1f s", stage, seconds)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import MODEL_FILE, ModelMeta, save_model
-from .common import UserError, atomic_path, write_text_atomic
+from .common import UserError, atomic_path, move_root, write_text_atomic
 from .config import RESUME_MAY_CHANGE, Config, config_changes, config_from_dict, dump_yaml, load_config
 from .data import Sample
 
@@ -107,14 +107,43 @@ def locked(run: Path, enabled: bool = True) -> Iterator[None]:
         yield  # closing the file releases the lock; so does the end of the process
 
 
+# Config keys holding paths that may lie inside a run or pipeline directory (data.spec: a dataset directory)
+_CONFIG_PATHS = (("data", "spec"), ("data", "root"), ("moe", "superclasses"), ("init_from",))
+
+
+def _rebased(saved: Config, run: Path) -> Config:
+    """``saved`` with its paths inside the directory that moved with RUN (RUN, or the pipeline directory holding
+    it) rebased to where RUN is now, found from the ``out`` it records: a moved run resumes. config.yaml keeps
+    the paths as given, since it is also loaded as a ``--config`` file, where a relative path means the cwd's."""
+    run = Path(os.path.normpath(run.absolute()))
+    old_run = Path(os.path.normpath(Path(saved.out).absolute())) if saved.out else run
+    root = move_root(run)
+    rel = run.relative_to(root)
+    old_root = old_run
+    for _ in rel.parts:
+        old_root = old_root.parent
+    if old_run == run or old_root / rel != old_run:
+        return saved
+    for keys in _CONFIG_PATHS:
+        *up, leaf = keys
+        node = saved
+        for k in up:
+            node = getattr(node, k)
+        v = getattr(node, leaf)
+        if v and Path(v).is_absolute() and Path(v).is_relative_to(old_root):
+            setattr(node, leaf, str(root / Path(v).relative_to(old_root)))
+    return saved
+
+
 def _saved_config(run: Path) -> Config | None:
-    """RUN/config.yaml, or the config in the newest checkpoint's state when the file is missing."""
+    """RUN/config.yaml, or the config in the newest checkpoint's state when the file is missing (rebased when
+    RUN was moved)."""
     if (run / CONFIG_FILE).is_file():
-        return load_config(str(run / CONFIG_FILE))
+        return _rebased(load_config(str(run / CONFIG_FILE)), run)
     found = find_checkpoint(run)
     if found is None or not isinstance(found[1].get("config"), dict):
         return None
-    return config_from_dict(found[1]["config"], f"{found[0] / STATE_FILE}: config")
+    return _rebased(config_from_dict(found[1]["config"], f"{found[0] / STATE_FILE}: config"), run)
 
 
 def check_run_dir(
@@ -232,7 +261,7 @@ def save_checkpoint(
         return final
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        save_model(tmp / MODEL_FILE, model, meta)
+        save_model(tmp / MODEL_FILE, model, meta, move_root(run))
         torch.save(state, tmp / STATE_FILE)
         (tmp / COMPLETE).write_text(f"step {step}\n")  # last: a directory with it is whole
     complete = [d for d in checkpoint_dirs(run) if (d / COMPLETE).is_file()]
@@ -257,10 +286,10 @@ def finish_run(
 
     meta.train.ema, meta.train.step = ema is not None, step
     if rank == 0:
-        save_model(run / MODEL_FILE, ema if ema is not None else model, meta)
+        save_model(run / MODEL_FILE, ema if ema is not None else model, meta, move_root(run))
         log.info("wrote %s", run / MODEL_FILE)
     elif dump_replicas:
-        save_model(run / f"replica_rank{rank}.safetensors", model, meta)
+        save_model(run / f"replica_rank{rank}.safetensors", model, meta, move_root(run))
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

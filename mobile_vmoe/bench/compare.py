@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..common import UserError, atomic_path, read_json, write_text_atomic
+from ..common import UserError, atomic_path, load_paths, read_json, write_text_atomic
 from .schema import ingest_result
 
 __all__ = ["report"]
@@ -59,6 +59,7 @@ def _read_evals(evals: Sequence[str | os.PathLike[str]]) -> list[Doc]:
         ev = read_json(e, "evaluation result")
         if not isinstance(ev, dict) or not isinstance(ev.get("top1"), (int, float)):
             raise UserError(f'{e}: evaluation JSON must be an object with a numeric "top1"')
+        ev = load_paths(ev, e, ("checkpoint",))  # stored relative to the file when inside its directory
         if not isinstance(ev.get("checkpoint"), str) and not isinstance(ev.get("model"), str):
             raise UserError(f'{e}: evaluation JSON needs a "checkpoint" or "model" field to match results')
         out.append(ev)

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..common import UserError, write_json_atomic
+from ..common import UserError, store_paths, write_json_atomic
 from ..files.sidecar import Sidecar, find_sidecar
 from ..preprocess import Preprocess
 from .runtime import Measurement, MeasureSpec, host_device, measure, probe_model, version_of
-from .schema import SCHEMA_VERSION, expert_latency, latency_stats, validate_result
+from .schema import RESULT_PATHS, SCHEMA_VERSION, expert_latency, latency_stats, validate_result
 
 __all__ = ["bench", "list_images", "load_images", "model_format"]
 
@@ -376,5 +376,5 @@ def bench(
     doc = _document(inp, m, warmup, iterations, isolate)
     validate_result(doc, "host result")
     if json_out is not None:
-        write_json_atomic(json_out, doc)
+        write_json_atomic(json_out, store_paths(doc, json_out, RESULT_PATHS))
     return doc

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common import UserError, read_json, write_json_atomic
+from ..common import UserError, read_json, store_paths, write_json_atomic
 from ..files.sidecar import Sidecar
 from .host import (
     check_counts,
@@ -36,7 +36,7 @@ from .host import (
     sidecar_checkpoint,
 )
 from .runtime import probe_model
-from .schema import ingest_result, validate_result
+from .schema import RESULT_PATHS, ingest_result, validate_result
 
 __all__ = ["android_commands", "bench_device", "ios_commands", "stage_images"]
 
@@ -446,5 +446,5 @@ def bench_device(
         else:
             doc = _run_android(run, device, threads, apk, shape)
     doc = _complete(doc, target, run, images, delegates)
-    write_json_atomic(json_out, doc)
+    write_json_atomic(json_out, store_paths(doc, json_out, RESULT_PATHS))
     return doc

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..common import UserError, read_json, write_json_atomic
+from ..common import UserError, load_paths, read_json, store_paths, write_json_atomic
 
 __all__ = [
+    "RESULT_PATHS",
     "SCHEMA_FILE",
     "SCHEMA_VERSION",
     "expert_latency",
@@ -30,6 +31,12 @@ __all__ = [
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "bench_result.schema.json"
+# Host paths a result file stores relative to its folder when inside the directory moving with it (a pipeline
+# directory: common.store_paths), absolute otherwise; ingest_result makes them absolute again
+RESULT_PATHS = (
+    "model.path", "model.sidecar.checkpoint", "model.sidecar.images.data_dir", "model.sidecar.images.heldout_list",
+    "input.images.dir",
+)  # fmt: skip
 
 
 def latency_stats(samples_ms: Sequence[float]) -> dict[str, float | int]:
@@ -102,6 +109,7 @@ def ingest_result(
     else:
         source = source or str(path_or_doc)
         doc = read_json(path_or_doc, "bench result")
+        doc = load_paths(doc, path_or_doc, RESULT_PATHS) if isinstance(doc, dict) else doc
     validate_result(doc, source)
     recomputed = latency_stats(doc["samples_ms"])
     old = doc["stats"]
@@ -119,5 +127,5 @@ def ingest_result(
 
 def write_result(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
     """Validate ``doc``, recompute its stats from its samples (``ingest_result``) and write it atomically."""
-    write_json_atomic(path, ingest_result(doc, str(path)))
+    write_json_atomic(path, store_paths(ingest_result(doc, str(path)), path, RESULT_PATHS))
     return Path(path)

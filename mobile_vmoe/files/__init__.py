@@ -9,7 +9,9 @@
       captions.csv|tsv, *.tar shards, classes.json
     bench results                   mobile_vmoe.bench.schema
 
-Stage code reads and writes these records, never their JSON keys; docs/FILES.md describes the formats.
+Stage code reads and writes these records, never their JSON keys; docs/FILES.md describes the formats. A path a
+record holds is absolute in memory and, on disk, relative to the file when inside the directory that moves with it
+(``common.store_path`` / ``load_path``): moved or copied run and pipeline directories keep working.
 """
 
 from __future__ import annotations

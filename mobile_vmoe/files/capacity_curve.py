@@ -1,6 +1,6 @@
 """Accuracy against inference capacity of a per-token V-MoE (``mobile-vmoe eval --capacity-ratio ...``).
 
-model, checkpoint   what was evaluated
+model, checkpoint   what was evaluated (relative to the file inside a moving directory: common.store_paths)
 top_k               K at inference
 source              the images (a val/ folder or a file list)
 points              one per (images per routing group, priority, capacity ratio): top1, top5, the fraction of
@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..common import UserError, read_json, write_json_atomic
+from ..common import UserError, load_paths, read_json, store_paths, write_json_atomic
 
 __all__ = ["CapacityCurve", "CurvePoint", "PRIORITIES", "read_capacity_curve", "write_capacity_curve"]
 
@@ -71,13 +71,17 @@ class CapacityCurve:
         return out
 
 
+_PATHS = ("checkpoint", "source")
+
+
 def write_capacity_curve(path: str | os.PathLike[str], curve: CapacityCurve) -> Path:
-    write_json_atomic(path, asdict(curve))
+    write_json_atomic(path, store_paths(asdict(curve), path, _PATHS))  # relative inside a moving directory
     return Path(path)
 
 
 def read_capacity_curve(path: str | os.PathLike[str]) -> CapacityCurve:
     obj = read_json(path, "capacity curve")
+    obj = load_paths(obj, path, _PATHS) if isinstance(obj, dict) else obj
     try:
         points = [CurvePoint(**p) for p in obj["points"]]
         curve = CapacityCurve(

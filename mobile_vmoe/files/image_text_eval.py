@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common import UserError, read_json, write_json_atomic
+from ..common import UserError, load_paths, read_json, store_paths, write_json_atomic
 
 __all__ = [
     "FORMAT",
@@ -97,7 +97,8 @@ class ImageTextEval:
 
 
 def write_image_text_eval(path: str | os.PathLike[str], ev: ImageTextEval) -> Path:
-    write_json_atomic(path, {"format": FORMAT, **asdict(ev)})
+    # paths inside the directory moving with the file (a pipeline's OUT) relative to it: common.store_paths
+    write_json_atomic(path, store_paths({"format": FORMAT, **asdict(ev)}, path, ("checkpoint", "source")))
     return Path(path)
 
 
@@ -139,6 +140,7 @@ def _value(v: Any, tp: Any, where: str) -> Any:
 
 def read_image_text_eval(path: str | os.PathLike[str]) -> ImageTextEval:
     obj = read_json(path, "image-text evaluation")
+    obj = load_paths(obj, path, ("checkpoint", "source")) if isinstance(obj, dict) else obj
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else None
         raise UserError(f"{path}: not an image-text evaluation (format {got!r}, expected {FORMAT!r})")

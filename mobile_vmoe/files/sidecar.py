@@ -7,7 +7,9 @@ quantization, Core ML structure, versions, timings) is kept as ``details`` for p
     artifact          the artifact's file name
     sha256, file_size_bytes   what the artifact was when exported: bench refuses an artifact that differs
     model, model_kwargs       timm name and kwargs of the exported model
-    checkpoint        the eager model file it came from (absolute; null for random weights)
+    checkpoint        the eager model file it came from (null for random weights): relative to the sidecar's
+                      folder when inside the directory moving with it (the export folder, or the pipeline
+                      directory holding it: common.store_path), else absolute; absolute in memory
     kind              "classifier" (image -> logits [1, C]), "zero_shot_classifier" (an image-text model's image
                       path with its class-prompt embeddings baked in: image -> logits [1, C]) or "text_encoder"
                       (an image-text model's text path: tokens -> normalised embedding [1, P])
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..common import UserError, read_json, write_json_atomic
+from ..common import UserError, load_paths, read_json, store_paths, write_json_atomic
 from ..preprocess import Preprocess
 
 __all__ = [
@@ -53,6 +55,8 @@ _TYPED = (
     "random_weights", "kind", "class_names", "input_shape", "input_dtype", "preprocess", "text", "prompt_templates",
     "embed_dim", "logit_scale", "routing", "precision", "expert_dispatch", "expert_dispatch_reason",
 )  # fmt: skip
+# what a sidecar stores relative to its folder when inside the directory moving with it (common.store_paths)
+PATHS = ("checkpoint", "images.data_dir", "images.heldout_list")
 KINDS = ("classifier", "zero_shot_classifier", "text_encoder")
 INPUT_DTYPES = {"classifier": "float32", "zero_shot_classifier": "float32", "text_encoder": "int64"}
 
@@ -161,7 +165,7 @@ def write_sidecar(
     """Write ``sc`` for ``artifact`` (digest taken now); ``at`` overrides where (a temporary path)."""
     sc.file_size_bytes, sc.sha256 = artifact_digest(artifact)
     out = Path(at) if at is not None else sidecar_path(artifact)
-    write_json_atomic(out, sc.to_dict())
+    write_json_atomic(out, store_paths(sc.to_dict(), sidecar_path(artifact), PATHS))
     return out
 
 
@@ -170,6 +174,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
     obj = read_json(path, "export sidecar")
     if not isinstance(obj, dict):
         raise UserError(f"{where}: export sidecar must be a JSON object")
+    obj = load_paths(obj, path, PATHS)
 
     def need(key: str, typ: type | tuple[type, ...]) -> Any:
         v = obj.get(key)
@@ -209,7 +214,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
     routing = obj.get("routing")
     if routing is not None and not (isinstance(routing, dict) and all(k in routing for k in ("E", "K", "L"))):
         raise UserError(f"{where}: field 'routing' must be null or an object with E, K, L; got {routing!r}")
-    size = obj.get("file_size_bytes")
+    size, ckpt = obj.get("file_size_bytes"), obj.get("checkpoint")
     return Sidecar(
         format=fmt,
         artifact=str(obj.get("artifact") or Path(where).name.removesuffix(".json")),
@@ -226,7 +231,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
         prompt_templates=list(templates),
         embed_dim=obj["embed_dim"] if isinstance(obj.get("embed_dim"), int) else None,
         logit_scale=float(obj["logit_scale"]) if isinstance(obj.get("logit_scale"), (int, float)) else None,
-        checkpoint=obj.get("checkpoint") if isinstance(obj.get("checkpoint"), str) else None,
+        checkpoint=ckpt if isinstance(ckpt, str) and ckpt else None,
         random_weights=bool(obj.get("random_weights", False)),
         expert_dispatch=obj.get("expert_dispatch"),
         expert_dispatch_reason=obj.get("expert_dispatch_reason"),
