@@ -25,9 +25,10 @@ from pathlib import Path
 
 from mobile_vmoe.cli import setup_logging
 from mobile_vmoe.files.capacity_curve import read_capacity_curve
+from mobile_vmoe.files.stage_marker import read_marker
 from mobile_vmoe.pipeline import load_pipeline_config, run_pipeline
 from mobile_vmoe.pipeline_config import FIRST_STAGE, SCHEDULING_KEYS
-from mobile_vmoe.pipeline_dir import first_changed_stage, read_summary
+from mobile_vmoe.pipeline_dir import STAGES, first_changed_stage, read_summary
 
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 # Full capacity: a ratio >= E/K gives every expert room for every token of its group (P = N), so nothing is
@@ -39,6 +40,16 @@ MODELS = ("dense", "moe", "vmoe")
 
 def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
+
+
+def _redo_from(out: Path, cfg: object) -> str | None:
+    """The first stage a changed config touches, or the first unfinished one if that comes earlier (a seed
+    interrupted before its eval stage): ``run_pipeline``'s ``--from``."""
+    start = first_changed_stage(out, cfg, FIRST_STAGE, SCHEDULING_KEYS)
+    if start is None:
+        return None
+    unfinished = next((s for s in STAGES if read_marker(out, s) is None), start)
+    return min(start, unfinished, key=STAGES.index)
 
 
 def main() -> int:
@@ -69,7 +80,7 @@ def main() -> int:
         out = Path(args.work) / f"seed{seed}"
         t0 = time.perf_counter()
         # a finished seed is reused; a changed sweep (e.g. new group sizes) redoes only the stages it changes
-        run_pipeline(cfg, out, first_changed_stage(out, cfg, FIRST_STAGE, SCHEDULING_KEYS))
+        run_pipeline(cfg, out, _redo_from(out, cfg))
         ev = read_summary(out, "eval")
         for m in MODELS:
             top1[m].append(100 * ev.top1[m])
