@@ -44,6 +44,11 @@ MODELS = {
         "mobile_limoe_nano_patch8_32",
         ["image_text.classic_losses=joint", "image_text.entropy_losses=false"],
     ),
+    # no auxiliary loss at all: whether this budget shows any collapse for the losses to prevent
+    "limoe_no_aux": (
+        "mobile_limoe_nano_patch8_32",
+        ["image_text.entropy_losses=false", "moe.importance_loss_weight=0", "moe.load_loss_weight=0"],
+    ),
     "onetower": ("mobile_onetower_nano_patch8_32", []),
     "clip": ("mobile_clip_nano_patch8_32", []),
 }
