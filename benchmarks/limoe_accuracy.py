@@ -49,6 +49,10 @@ MODELS = {
         "mobile_limoe_nano_patch8_32",
         ["image_text.entropy_losses=false", "moe.importance_loss_weight=0", "moe.load_loss_weight=0"],
     ),
+    "limoe_entropy_only": (  # LIMoE's entropy losses alone: what they prevent without V-MoE's
+        "mobile_limoe_nano_patch8_32",
+        ["moe.importance_loss_weight=0", "moe.load_loss_weight=0"],
+    ),
     "onetower": ("mobile_onetower_nano_patch8_32", []),
     "clip": ("mobile_clip_nano_patch8_32", []),
 }
