@@ -17,8 +17,10 @@ import pytest
 from fixtures import image_folder
 
 from mobile_vmoe.bench import validate_result
+from mobile_vmoe.bench.schema import ingest_result
 from mobile_vmoe.common import UserError
 from mobile_vmoe.config import dump_yaml, list_presets
+from mobile_vmoe.files.capacity_curve import read_capacity_curve
 from mobile_vmoe.files.sidecar import read_sidecar
 from mobile_vmoe.files.stage_marker import StageMarker, read_marker, write_marker
 from mobile_vmoe.files.superclass_map import read_superclass_map
@@ -32,10 +34,15 @@ def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+# The three-way comparison: a per-token V-MoE beside the two models, its .pte also at capacity 0.25
+THREEWAY = ["vmoe_model=mobile_vmoe_token_nano_patch4_32", "capacity_ratios=[1.0,0.25]",
+            "pareto_capacity_ratios=[0.25]"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path, caplog):
     out = tmp_path / "quick"
-    done = _cli("pipeline", "--preset", "quick", "--out", out)
+    done = _cli("pipeline", "--preset", "quick", "--out", out, *THREEWAY)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report: {out / 'report.md'}" in done.stdout
 
@@ -61,43 +68,42 @@ def test_quick_pipeline_end_to_end(tmp_path, caplog):
         assert f"report_files/{png}.png" in md and (out / "report_files" / f"{png}.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert "<table>" in html and "report_files/routing.png" in html
+    _check_threeway(out, md)
 
     # a second run skips every finished stage, also with another worker count (it changes no output)
-    cfg = load_pipeline_config("quick", ["export_workers=1"])
+    cfg = load_pipeline_config("quick", [*THREEWAY, "export_workers=1"])
     caplog.set_level(logging.INFO)
     mtime = (out / "dense" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(cfg, out)
     assert all(f"[{s}] done before, skipped" in caplog.text for s in STAGES)
     assert (out / "dense" / "model.safetensors").stat().st_mtime_ns == mtime
 
-    # an interrupted MoE training continues from its checkpoint; later stages were never marked
-    for s in STAGES[STAGES.index("moe") :]:
-        (out / "stages" / f"{s}.json").unlink()
-    (out / "moe" / "model.safetensors").unlink()
-    caplog.clear()
-    run_pipeline(cfg, out, None)
-    assert (
-        "[moe] continuing the interrupted run" in caplog.text
-        and (out / "moe" / "model.safetensors").is_file()
-    )
-    assert "[dense] done before, skipped" in caplog.text
 
-    # --from redoes that stage and the later ones, with a changed config
-    report_mtime = (out / "report.md").stat().st_mtime_ns
-    changed = load_pipeline_config("quick", ["bench_iterations=3"])
-    with pytest.raises(UserError, match=r"differs in bench_iterations\); pass --from bench"):
-        run_pipeline(changed, out)
-    run_pipeline(changed, out, "bench")
-    assert json.loads((out / "bench" / "dense.pte.json").read_text())["stats"]["count"] == 3
-    assert (out / "report.md").stat().st_mtime_ns != report_mtime
-    assert (out / "dense" / "model.safetensors").stat().st_mtime_ns == mtime
+def _check_threeway(out, report: str) -> None:
+    """Three trainings on the same data, the per-token model's capacity curve, the three .pte (the per-token one
+    also at capacity 0.25) benched, and the report's accuracy vs latency plot."""
+    ev = read_summary(out, "eval")
+    assert set(ev.top1) == {"dense", "moe", "vmoe"} and "vmoe" in ev.capacity_curves
+    routing = read_sidecar(out / "export" / "vmoe_c0.25.pte.json").routing
+    assert routing["capacity_ratio"] == 0.25
+    assert read_sidecar(out / "export" / "vmoe.pte.json").routing["capacity_ratio"] == 1.05  # the model's own
+    p50 = ingest_result(out / "bench" / "vmoe_c0.25.pte.json")["stats"]["p50"]
+    assert "## Per-token routing (V-MoE)" in report and "vmoe − dense top-1" in report
+    assert (out / "report_files" / "vmoe_routing.png").is_file()
+    assert "## Accuracy vs latency" in report and (out / "report_files" / "pareto.png").is_file()
+    top1 = read_capacity_curve(ev.capacity_curves["vmoe"]).top1(routing["priority"], 0.25)
+    assert (
+        f"| 0.25 ({routing['priority']}) | `export/vmoe_c0.25.pte` | {p50:.3f} | {100 * top1:.2f} % |"
+        in report
+    )
+    assert all(f"`export/{w}.pte`" in report for w in ("dense", "moe", "vmoe"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # A user's ImageFolder with the quick preset: one run shared by the tests below, in this order
 # ---------------------------------------------------------------------------------------------------------------
 
-USER_OVERRIDES = ["formats=[onnx]"]  # one export format: the data handling is what is tested here
+USER_OVERRIDES = ["formats=[onnx]", "export_workers=1"]  # one export format: the data handling is tested here
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +227,36 @@ def test_a_stage_whose_output_is_gone_is_redone_with_every_later_stage(user_run,
         read_marker(out, s) is not None and not read_marker(out, s).missing_outputs(out) for s in STAGES
     )
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_continues_and_a_changed_bench_setting_needs_from(user_run, caplog):
+    """On the user run (2 artifacts to bench, where the built-in run has 4): what the end-to-end test leaves out."""
+    out, data, done, _ = user_run
+    assert done.returncode == 0
+    mtime = (out / "dense" / "model.safetensors").stat().st_mtime_ns
+    # an interrupted MoE training continues from its checkpoint; later stages were never marked
+    for s in STAGES[STAGES.index("moe") :]:
+        (out / "stages" / f"{s}.json").unlink()
+    (out / "moe" / "model.safetensors").unlink()
+    caplog.set_level(logging.INFO)
+    run_pipeline(_user_cfg(data), out, None)
+    assert (
+        "[moe] continuing the interrupted run" in caplog.text
+        and (out / "moe" / "model.safetensors").is_file()
+    )
+    assert "[dense] done before, skipped" in caplog.text
+
+    # --from redoes that stage and the later ones, with a changed config
+    report_mtime = (out / "report.md").stat().st_mtime_ns
+    changed = _user_cfg(data)
+    changed.bench_iterations = 3
+    with pytest.raises(UserError, match=r"differs in bench_iterations\); pass --from bench"):
+        run_pipeline(changed, out)
+    run_pipeline(changed, out, "bench")
+    assert json.loads((out / "bench" / "dense.onnx.json").read_text())["stats"]["count"] == 3
+    assert (out / "report.md").stat().st_mtime_ns != report_mtime
+    assert (out / "dense" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,10 +92,17 @@ def test_onnx_switch(tmp_path, top_k):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
-def test_pte_switch(tmp_path):
+@pytest.fixture(scope="module")
+def switch_pte() -> tuple[torch.nn.Module, bytes, dict]:
+    """tiny_moe(top_k=1) lowered once (fast lowering, the default): the model, the program and its report."""
     model = tiny_moe(top_k=1)
+    buf, report = lower_pte(model, images(model, 1))
+    return model, buf, report
+
+
+def test_pte_switch(tmp_path, switch_pte):
+    model, buf, report = switch_pte
     x = images(model, 1)
-    buf, report = lower_pte(model, x)
     assert report["expert_dispatch"] == "switch" and "aten_index_select_default" not in report["portable_ops"]
     L, E = model.num_moe_layers, model.num_experts
     assert report["portable_ops"]["cond"] == L * (E - 1)
@@ -126,13 +133,11 @@ def test_pte_top2_keeps_gather(tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_lowering_gives_the_same_program():
+def test_fast_lowering_gives_the_same_program(switch_pte):
     """export/delegates.py (experts lowered from one template, lowered modules traced with a cache) changes the
     cost of lowering, not its result: the .pte is byte for byte ExecuTorch's plain path's."""
-    model = tiny_moe(top_k=1)
-    x = images(model, 1)
-    fast, fast_report = lower_pte(model, x)
-    plain, plain_report = lower_pte(model, x, fast_lowering=False)
+    model, fast, fast_report = switch_pte
+    plain, plain_report = lower_pte(model, images(model, 1), fast_lowering=False)
     assert fast_report["expert_dispatch"] == "switch" and fast_report == plain_report
     assert fast == plain
 

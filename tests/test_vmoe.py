@@ -250,35 +250,3 @@ def test_eval_routing_options_need_a_per_token_model(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "m.safetensors"), "--data", str(tmp_path),
                  "--capacity-ratio", "0.5"]) == 2  # fmt: skip
     assert "per-token V-MoE" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_pipeline_trains_the_three_models_side_by_side(tmp_path):
-    """The quick preset with a per-token model: three trainings on the same data, its capacity curve, the three
-    .pte (the per-token one also at capacity 0.25) benched, and the report's accuracy vs latency plot."""
-    from mobile_vmoe.bench.schema import ingest_result
-    from mobile_vmoe.cli import main
-    from mobile_vmoe.files.capacity_curve import read_capacity_curve
-    from mobile_vmoe.files.sidecar import read_sidecar
-    from mobile_vmoe.pipeline_dir import read_summary
-
-    out = tmp_path / "p"
-    args = ["pipeline", "--preset", "quick", "--out", str(out), "vmoe_model=mobile_vmoe_token_nano_patch4_32",
-            "formats=[pte]", "capacity_ratios=[1.0,0.25]", "pareto_capacity_ratios=[0.25]"]  # fmt: skip
-    assert main(args) == 0
-    ev = read_summary(out, "eval")
-    assert set(ev.top1) == {"dense", "moe", "vmoe"} and "vmoe" in ev.capacity_curves
-    routing = read_sidecar(out / "export" / "vmoe_c0.25.pte.json").routing
-    assert routing["capacity_ratio"] == 0.25
-    assert read_sidecar(out / "export" / "vmoe.pte.json").routing["capacity_ratio"] == 1.05  # the model's own
-    p50 = ingest_result(out / "bench" / "vmoe_c0.25.pte.json")["stats"]["p50"]
-    report = (out / "report.md").read_text()
-    assert "## Per-token routing (V-MoE)" in report and "vmoe − dense top-1" in report
-    assert (out / "report_files" / "vmoe_routing.png").is_file()
-    assert "## Accuracy vs latency" in report and (out / "report_files" / "pareto.png").is_file()
-    top1 = read_capacity_curve(ev.capacity_curves["vmoe"]).top1(routing["priority"], 0.25)
-    assert (
-        f"| 0.25 ({routing['priority']}) | `export/vmoe_c0.25.pte` | {p50:.3f} | {100 * top1:.2f} % |"
-        in report
-    )
-    assert all(f"`export/{w}.pte`" in report for w in ("dense", "moe", "vmoe"))
