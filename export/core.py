@@ -24,7 +24,7 @@ from torch import nn
 
 from mobile_vmoe.checkpoint import ModelMeta, create_model, load_model, resolve_model_file
 from mobile_vmoe.common import UserError, atomic_path
-from mobile_vmoe.files.sidecar import Sidecar, sidecar_path, write_sidecar
+from mobile_vmoe.files.sidecar import Sidecar, artifact_digest, sidecar_path, write_sidecar
 from mobile_vmoe.preprocess import Preprocess
 
 from . import coreml, pte
@@ -381,6 +381,9 @@ def _prepare(
         else None,
         # Absolute, so that `mobile-vmoe bench` finds the eager model (per-expert latency) from anywhere.
         checkpoint=str(resolve_model_file(checkpoint).resolve()) if checkpoint is not None else None,
+        checkpoint_sha256=artifact_digest(resolve_model_file(checkpoint))[1]
+        if checkpoint is not None
+        else None,
         random_weights=random_weights,
     )
     describe_part(net, meta, sc)

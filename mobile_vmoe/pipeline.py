@@ -296,16 +296,16 @@ class _Pipeline:
 
     def export(self) -> _Done:
         from .export.parallel import ExportJob, export_many
-        from .files.sidecar import sidecar_path
+        from .files.sidecar import exported_from, sidecar_path
 
         s = ExportSummary({}, {})
         (self.out / "export").mkdir(parents=True, exist_ok=True)  # also with formats=[]: its marker lists it
         jobs = []
         for which, fmt, quant, path, capacity in self._artifacts():
-            if path.exists() and sidecar_path(path).is_file():
-                s.artifacts[path.name] = str(path)  # finished before an interruption
-                continue
             ckpt = str(self.run_dir(which) / "model.safetensors")
+            if exported_from(path, ckpt):
+                s.artifacts[path.name] = str(path)  # finished before an interruption, from this model
+                continue
             kw = dict(
                 checkpoint=ckpt, quantize=quant, capacity_ratio=capacity, num_verify=self.cfg.num_verify
             )

@@ -283,14 +283,14 @@ class _LimoePipeline:
     def export(self) -> _Done:
         from .checkpoint import MODEL_FILE
         from .export.parallel import ExportJob, export_many
-        from .files.sidecar import sidecar_path
+        from .files.sidecar import exported_from, sidecar_path
 
         s = ExportSummary({}, {})
         (self.out / "export").mkdir(parents=True, exist_ok=True)  # also with formats=[]
         jobs = []
         for which, fmt, part, path in limoe_artifacts(self.cfg, self.out):
-            if path.exists() and sidecar_path(path).is_file():
-                s.artifacts[path.name] = str(path)  # finished before an interruption
+            if exported_from(path, self.out / which / MODEL_FILE):
+                s.artifacts[path.name] = str(path)  # finished before an interruption, from this model
                 continue
             kw = dict(checkpoint=str(self.out / which / MODEL_FILE), part=part, num_verify=self.cfg.num_verify,
                       seed=self.cfg.seed, verbose=False)  # fmt: skip

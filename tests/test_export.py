@@ -21,7 +21,7 @@ from mobile_vmoe.checkpoint import ModelMeta, load_model, save_model
 from mobile_vmoe.cli import main
 from mobile_vmoe.common import UserError
 from mobile_vmoe.config import load_config
-from mobile_vmoe.files.sidecar import read_sidecar
+from mobile_vmoe.files.sidecar import exported_from, read_sidecar
 from mobile_vmoe.train import train
 
 DENSE, MOE = "mobile_vit_nano_patch4_32", "mobile_vmoe_nano_patch4_32"
@@ -122,6 +122,13 @@ def test_export_verifies_and_writes_sidecar(runs, tmp_path, fmt, kind):
     sc = read_sidecar(tmp_path / (out.name + ".json"))
     side = sc.details  # the verification report
     assert sc.checkpoint == str((runs[kind] / "model.safetensors").resolve())  # what `bench` reads
+    if fmt == "onnx":  # a resumed pipeline keeps the file only while the model file is the one it came from
+        ckpt = tmp_path / "ckpt.safetensors"
+        ckpt.write_bytes((runs[kind] / "model.safetensors").read_bytes())
+        assert exported_from(out, ckpt) and not exported_from(tmp_path / "none.onnx", ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:-1] + b" ")  # retrained since: another digest
+        assert not exported_from(out, ckpt)
+        ckpt.unlink()
     assert sc.model == (MOE if kind == "moe" else DENSE) and sc.random_weights is False
     assert sc.is_moe is (kind == "moe")
     assert (

@@ -10,6 +10,8 @@ quantization, Core ML structure, versions, timings) is kept as ``details`` for p
     checkpoint        the eager model file it came from (null for random weights): relative to the sidecar's
                       folder when inside the directory moving with it (the export folder, or the pipeline
                       directory holding it: common.store_path), else absolute; absolute in memory
+    checkpoint_sha256 the sha256 of that model file when exported: a pipeline re-exports an artifact whose model
+                      file has changed since (a retrained stage) instead of keeping it
     kind              "classifier" (image -> logits [1, C]), "zero_shot_classifier" (an image-text model's image
                       path with its class-prompt embeddings baked in: image -> logits [1, C]) or "text_encoder"
                       (an image-text model's text path: tokens -> normalised embedding [1, P])
@@ -52,7 +54,7 @@ __all__ = [
 VERSION = 2
 _TYPED = (
     "sidecar_version", "format", "artifact", "sha256", "file_size_bytes", "model", "model_kwargs", "checkpoint",
-    "random_weights", "kind", "class_names", "input_shape", "input_dtype", "preprocess", "text", "prompt_templates",
+    "checkpoint_sha256", "random_weights", "kind", "class_names", "input_shape", "input_dtype", "preprocess", "text", "prompt_templates",
     "embed_dim", "logit_scale", "routing", "precision", "expert_dispatch", "expert_dispatch_reason",
 )  # fmt: skip
 # what a sidecar stores relative to its folder when inside the directory moving with it (common.store_paths)
@@ -103,6 +105,7 @@ class Sidecar:
     embed_dim: int | None = None
     logit_scale: float | None = None
     checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
     random_weights: bool = False
     expert_dispatch: str | None = None
     expert_dispatch_reason: str | None = None
@@ -232,6 +235,9 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
         embed_dim=obj["embed_dim"] if isinstance(obj.get("embed_dim"), int) else None,
         logit_scale=float(obj["logit_scale"]) if isinstance(obj.get("logit_scale"), (int, float)) else None,
         checkpoint=ckpt if isinstance(ckpt, str) and ckpt else None,
+        checkpoint_sha256=obj.get("checkpoint_sha256")
+        if isinstance(obj.get("checkpoint_sha256"), str)
+        else None,
         random_weights=bool(obj.get("random_weights", False)),
         expert_dispatch=obj.get("expert_dispatch"),
         expert_dispatch_reason=obj.get("expert_dispatch_reason"),
@@ -239,6 +245,16 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
         file_size_bytes=int(size) if isinstance(size, int) else None,
         details={k: v for k, v in obj.items() if k not in _TYPED},
     )
+
+
+def exported_from(artifact: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> bool:
+    """Whether ``artifact`` is finished (its sidecar written last) and was exported from ``checkpoint`` as it is
+    now: a resumed export keeps such files and redoes the others (a model retrained since, an older sidecar)."""
+    side = sidecar_path(artifact)
+    if not (Path(artifact).exists() and side.is_file()):
+        return False
+    sc = read_sidecar(side)
+    return sc.checkpoint_sha256 is not None and sc.checkpoint_sha256 == artifact_digest(checkpoint)[1]
 
 
 def find_sidecar(artifact: str | os.PathLike[str]) -> tuple[Path | None, Sidecar | None]:
