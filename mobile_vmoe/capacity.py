@@ -81,11 +81,11 @@ def capacity_curve(
                 )
                 log.info("%d image(s)/group, %s, capacity %g (P=%d): top-1 %.4f", group, priority, ratio, P,
                          s["top1"])  # fmt: skip
-    for group, big, small, P in curve.same_routing():
+    for group, ratios, P in curve.same_routing():
         log.warning(
-            "capacity ratios %g and %g give the same buffer with %d image(s) per group (P=%d slots per expert): "
-            "one routing measured twice; route more images together (--group-size) or use more tokens per image",
-            big, small, group, P,
+            "capacity ratios %s give the same buffer with %d image(s) per group (P=%d slots per expert): one "
+            "routing measured %d times; route more images together (--group-size) or use more tokens per image",
+            ", ".join(f"{r:g}" for r in ratios), group, P, len(ratios),
         )  # fmt: skip
     if json_out is not None:
         write_capacity_curve(json_out, curve)

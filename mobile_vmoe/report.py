@@ -291,10 +291,11 @@ def _token_routing_section(r: ReportRun, ev: dict[str, Any] | None) -> list[str]
                     pct(p.top1) + (f" (P={p.capacity})" if p.capacity else "") if p else "–" for p in pts
                 ]
                 md.append(f"| {g} | {pr} | " + " | ".join(cells) + " |")
-        for g, big, small, P in curve.same_routing():
+        for g, ratios, P in curve.same_routing():
             md.append(
-                f"\nWith {g} image(s) per group, capacity ratios {big:g} and {small:g} give the same buffer (P={P}): "
-                "one routing, measured twice; more images per group (or more tokens per image) separate them."
+                f"\nWith {g} image(s) per group, capacity ratios {', '.join(f'{r:g}' for r in ratios)} give the same "
+                f"buffer (P={P}): one routing, measured {len(ratios)} times; more images per group (or more tokens "
+                "per image) separate them."
             )
         png = Path(curve_file).with_suffix(".png")
         md += ["", f"![capacity]({png.relative_to(r.out).as_posix()})", ""]
@@ -303,7 +304,7 @@ def _token_routing_section(r: ReportRun, ev: dict[str, Any] | None) -> list[str]
 
 def write_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     """Build report.md / report.html for the pipeline directory ``out`` from the files its stages wrote."""
-    r = _read_run(Path(out))
+    r = _read_run(Path(out).absolute())  # stage summaries hold absolute paths
     r.figdir.mkdir(parents=True, exist_ok=True)
     evals = {
         w: read_json(r.out / "eval" / f"{w}.json")

@@ -225,7 +225,7 @@ def _favours_section(r: ReportRun, evals: dict[str, ImageTextEval]) -> list[str]
 
 def write_limoe_report(out: str | os.PathLike[str]) -> dict[str, Path]:
     """Build report.md / report.html for the image-text pipeline directory ``out`` from its stages' files."""
-    r = _read_run(Path(out))
+    r = _read_run(Path(out).absolute())  # stage summaries hold absolute paths
     r.figdir.mkdir(parents=True, exist_ok=True)
     evals = (
         {w: read_image_text_eval(f) for w, f in r.stages["eval"].files.items()} if "eval" in r.stages else {}

@@ -22,6 +22,7 @@ from mobile_vmoe.files.sidecar import Sidecar, read_sidecar, sidecar_path, write
 from mobile_vmoe.files.stage_marker import StageMarker, marker_path, read_marker, write_marker
 from mobile_vmoe.pipeline import STAGES, load_pipeline_config, run_pipeline, train_config
 from mobile_vmoe.pipeline_dir import read_summary
+from mobile_vmoe.report import write_report
 from mobile_vmoe.train_run import check_run_dir
 
 # the quick preset with a per-token V-MoE (eval writes its capacity curve) and no exports (lowering and timing
@@ -51,7 +52,7 @@ def test_store_path_is_relative_inside_the_moving_directory_and_absolute_outside
     assert load_path(str(tmp_path / "abs"), run) == tmp_path / "abs"  # files of older versions
 
 
-def test_a_moved_pipeline_resumes_with_nothing_redone(moved, caplog):
+def test_a_moved_pipeline_resumes_with_nothing_redone(moved, caplog, monkeypatch):
     old, new, markers = moved
     caplog.set_level(logging.INFO)
     assert run_pipeline(load_pipeline_config("quick", OVERRIDES), new) == new
@@ -67,6 +68,9 @@ def test_a_moved_pipeline_resumes_with_nothing_redone(moved, caplog):
     for which in ("dense", "moe", "vmoe"):
         with safe_open(str(new / which / "model.safetensors"), framework="pt") as f:
             assert str(old) not in f.metadata()["train"]
+    # the report of the moved directory, given as a path relative to the working directory
+    monkeypatch.chdir(new.parent)
+    assert write_report(new.name)["markdown"].read_text().count("## Per-token routing (V-MoE)") == 1
 
 
 def test_a_moved_checkpoint_evaluates_and_its_exports_point_at_it(moved):

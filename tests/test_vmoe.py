@@ -205,8 +205,8 @@ def test_capacity_sweep_over_group_sizes_says_when_ratios_share_a_buffer(token_r
     assert [(p.group_size, p.capacity_ratio, p.capacity) for p in curve.points] == [
         (1, 1.0, 2), (1, 0.5, 1), (1, 0.25, 1), (4, 1.0, 5), (4, 0.5, 3), (4, 0.25, 2),
     ]  # fmt: skip
-    assert curve.same_routing() == [(1, 0.5, 0.25, 1)]
-    assert "0.5 and 0.25 give the same buffer with 1 image(s) per group" in caplog.text
+    assert curve.same_routing() == [(1, [0.5, 0.25], 1)]
+    assert "ratios 0.5, 0.25 give the same buffer with 1 image(s) per group" in caplog.text
     alone, grouped = curve.point("bpr", 0.5, 1), curve.point("bpr", 0.5, 4)
     assert curve.top1("bpr", 0.5) == alone.top1 and grouped.group_size == 4
     # a group that does not divide the batch is refused before any image is read

@@ -57,18 +57,14 @@ class CapacityCurve:
     def group_sizes(self) -> list[int]:
         return sorted({p.group_size for p in self.points})
 
-    def same_routing(self) -> list[tuple[int, float, float, int]]:
-        """(group size, ratio, smaller ratio, P) where two ratios give the same buffer: the same routing twice."""
-        out, seen = [], {}
+    def same_routing(self) -> list[tuple[int, list[float], int]]:
+        """(group size, ratios from the largest, P) for each buffer that several ratios give: one routing,
+        measured once per ratio."""
+        ratios: dict[tuple[int, int], list[float]] = {}
         for p in sorted(self.points, key=lambda p: (p.group_size, -p.capacity_ratio)):
-            if p.capacity <= 0 or p.priority != self.points[0].priority:
-                continue
-            key = (p.group_size, p.capacity)
-            if key in seen:
-                out.append((p.group_size, seen[key], p.capacity_ratio, p.capacity))
-            else:
-                seen[key] = p.capacity_ratio
-        return out
+            if p.capacity > 0 and p.priority == self.points[0].priority:
+                ratios.setdefault((p.group_size, p.capacity), []).append(p.capacity_ratio)
+        return [(g, rs, P) for (g, P), rs in ratios.items() if len(rs) > 1]
 
 
 _PATHS = ("checkpoint", "source")
