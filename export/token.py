@@ -47,7 +47,8 @@ class LinearTokenExperts(nn.Module):
         rows = buffer_rows(routing.slot, routing.expert_idx, E, P)  # [G * N * K] in [0, E * G * P]
         # Token of each buffer row; G * N (a zero row) for an empty slot. Row E * G * P takes the dropped
         # choices and is never read.
-        token = torch.arange(G * N, device=x.device).repeat_interleave(K)
+        token = torch.arange(G * N, device=x.device)
+        token = token if K == 1 else token.repeat_interleave(K)
         src = torch.full((E * G * P + 1,), G * N, dtype=token.dtype, device=x.device).scatter(0, rows, token)
         tokens = torch.cat([x.reshape(G * N, D), x.new_zeros(1, D)])
         buf = tokens.index_select(0, src[: E * G * P])  # [E * G * P, D], expert e's rows contiguous
@@ -57,8 +58,10 @@ class LinearTokenExperts(nn.Module):
             for e, (fc1, fc2) in enumerate(zip(self.fc1, self.fc2))
         ]
         y = torch.cat([*ys, x.new_zeros(1, D)])  # a dropped choice reads the zero row
-        out = y.index_select(0, rows).reshape(G, N, K, D)
-        return (out * routing.gates.unsqueeze(-1)).sum(dim=2)
+        out = y.index_select(0, rows)
+        if K == 1:  # no sum over choices: one portable kernel call fewer, and the product stays delegated
+            return (out * routing.gates.reshape(G * N, 1)).reshape(G, N, D)
+        return (out.reshape(G, N, K, D) * routing.gates.unsqueeze(-1)).sum(dim=2)
 
 
 def buffer_rows(
@@ -72,6 +75,8 @@ def buffer_rows(
     """
     G = slot.shape[0]
     E, P = num_experts, capacity
+    if G == 1:  # one group (a phone's batch of 1): the slots are the rows, dropped choices included
+        return slot.reshape(-1)
     g = torch.arange(G, device=slot.device).reshape(G, 1, 1)
     rows = slot + expert_idx * ((G - 1) * P) + g * P
     return torch.where(slot < E * P, rows, torch.full_like(rows, E * G * P)).reshape(-1)

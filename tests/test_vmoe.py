@@ -36,11 +36,12 @@ def _reference_slots(idx: torch.Tensor, gates: torch.Tensor, E: int, P: int, bpr
     return out
 
 
+@pytest.mark.parametrize("K", [1, 2])
 @pytest.mark.parametrize("bpr", [False, True])
 @pytest.mark.parametrize("ratio", [0.25, 1.0, 2.0])
-def test_buffer_slots_match_reference(bpr, ratio):
+def test_buffer_slots_match_reference(bpr, ratio, K):
     torch.manual_seed(1)
-    G, N, E, K = 3, 17, 5, 2
+    G, N, E = 3, 17, 5
     gates, idx = torch.randn(G, N, E).softmax(-1).topk(K, dim=-1)
     P = expert_capacity(N, K, ratio, E)
     assert P == max(1, min(N, math.ceil(K * N * ratio / E)))

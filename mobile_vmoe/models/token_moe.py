@@ -65,23 +65,28 @@ def buffer_slots(
     """
     G, N, K = expert_idx.shape
     E, P = num_experts, capacity
-    idx = expert_idx
-    order = torch.arange(N, device=idx.device).expand(G, N)  # vanilla: token order
+    # Few, small ops: exported, each of them is a portable kernel call on the phone. K = 1 (the usual inference)
+    # needs no K-major reshuffle.
+    idx = expert_idx.reshape(G, N) if K == 1 else expert_idx.transpose(1, 2).reshape(G, K * N)  # K-major
+    rank = None  # [G, K * N]: the choice each ranked position holds (None: token order)
     if bpr:
         # [G, N], most confident first; topk, not argsort: ExecuTorch's portable kernels have no sort
         order = gates[..., 0].topk(N, dim=1).indices
-        idx = idx.gather(1, order.unsqueeze(-1).expand(G, N, K))
-    onehot = F.one_hot(idx, E)  # [G, N, K, E] in ranking order
+        rank = order if K == 1 else (order.unsqueeze(1) + N * torch.arange(K, device=idx.device)[:, None])
+        rank = rank.reshape(G, K * N)
+        idx = idx.gather(1, rank)
+    onehot = F.one_hot(idx, E)  # [G, K * N, E] in ranking order
+    routed = None  # [G, K * N] in ranking order: the choices of tokens inside the mask
     if mask is not None:  # a masked token counts for no expert
-        onehot = onehot * mask.gather(1, order).to(onehot.dtype)[..., None, None]
-    onehot = onehot.transpose(1, 2).reshape(G, K * N, E)  # K-major
-    pos = ((onehot.cumsum(dim=1) - 1) * onehot).sum(dim=-1).reshape(G, K, N).transpose(1, 2)  # [G, N, K]
-    if bpr:  # back to token order: pos_in_token_order[order[i]] = pos[i]
-        pos = torch.zeros_like(pos).scatter(1, order.unsqueeze(-1).expand(G, N, K), pos)
-    keep = pos < P
-    if mask is not None:
-        keep = keep & mask.unsqueeze(-1)
-    return torch.where(keep, expert_idx * P + pos, torch.full_like(pos, E * P))
+        routed = (mask if rank is None else mask.gather(1, rank[:, :N])).repeat(1, K)
+        onehot = onehot * routed.unsqueeze(-1)
+    # Position = earlier choices of the same expert: the running count at the choice's own expert, minus itself.
+    pos = onehot.cumsum(dim=1).gather(2, idx.unsqueeze(-1)).reshape(G, K * N) - 1
+    keep = pos < P if routed is None else (pos < P) & routed
+    slot = torch.where(keep, idx * P + pos, torch.full_like(pos, E * P))
+    if rank is not None:  # back to choice order: slot_in_choice_order[rank[i]] = slot[i]
+        slot = torch.zeros_like(slot).scatter(1, rank, slot)
+    return slot.reshape(G, N, 1) if K == 1 else slot.reshape(G, K, N).transpose(1, 2)
 
 
 @register_notrace_module
@@ -139,7 +144,9 @@ class TokenRouter(nn.Module):
     ) -> TokenRouting:
         """The routing from ``scores``: top-K of the noisy softmax, buffer slots, balance losses; gates in ``dtype``."""
         probs = noisy.softmax(dim=-1)
-        gates, idx = probs.topk(self.top_k, dim=-1)  # [G, N, K]
+        # [G, N, K]; max for one choice: exported, a portable topk costs ~10x a max over E
+        # [G, N, K]; max for one choice: exported, a portable topk costs ~2x a max over E
+        gates, idx = probs.max(dim=-1, keepdim=True) if self.top_k == 1 else probs.topk(self.top_k, dim=-1)
         slot = buffer_slots(idx, gates, self.num_experts, capacity, bpr, mask)
         importance, load = self.balance_losses(logits, noisy, mask)
         return TokenRouting(logits, probs, idx, gates.to(dtype), slot, importance, load, capacity)
