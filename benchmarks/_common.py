@@ -93,7 +93,7 @@ def lower_artifact(
 
 
 def timing_args(ap: argparse.ArgumentParser, rounds: int, quick_rounds: int) -> None:
-    """Add --quick, --rounds, --iters, --warmup and --threads to ``ap``."""
+    """Add --quick, --rounds, --iters, --warmup, --threads and --profile to ``ap``."""
     ap.add_argument("--quick", action="store_true", help="nano models at 32 px instead of ViT-Tiny at 224 px")
     ap.add_argument(
         "--rounds",
@@ -104,6 +104,9 @@ def timing_args(ap: argparse.ArgumentParser, rounds: int, quick_rounds: int) -> 
     ap.add_argument("--iters", type=int, default=10, help="timed runs per model per round")
     ap.add_argument("--warmup", type=int, default=5, help="untimed runs per model before the first round")
     ap.add_argument("--threads", type=int, default=None, help="ExecuTorch / ONNX Runtime threads")
+    ap.add_argument(
+        "--profile", action="store_true", help="also an ETDump profile of each fp32 .pte: where the time goes"
+    )
     ap.set_defaults(default_rounds=(rounds, quick_rounds))
 
 

@@ -13,6 +13,7 @@ class embeddings. Models of one runtime run in interleaved rounds, each runtime 
 
     python benchmarks/limoe_latency.py            # tiny 224 px: lowering takes ~1 min per model
     python benchmarks/limoe_latency.py --quick    # nano models at 32 px, for a smoke run
+    python benchmarks/limoe_latency.py --profile  # also where the time goes (``_profile.py``)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from _common import (
     time_runtimes,
     timing_args,
 )
+from _profile import print_profiles, profile_ptes
 from mobile_vmoe.export.image_text import TextEncoder, ZeroShotClassifier
 from mobile_vmoe.export.token import for_export
 
@@ -85,6 +87,7 @@ def main() -> None:
             for key, m in texts.items():
                 lower(fmt, f"{key}_text", m, tokens, text_paths)
         samples = time_runtimes(paths, x, rounds, args)
+        prof = profile_ptes(paths, x, args) if args.profile else None
         if text_paths:
             samples.update(time_runtimes(text_paths, tokens, rounds, args))
 
@@ -100,6 +103,8 @@ def main() -> None:
         if texts:
             rows.append(Ratio("c", "LIMoE / one-tower (text encoder)", rt, "limoe_text", "onetower_text"))
     print_ratios(rows, samples, args.iters)
+    if prof:
+        print_profiles(prof, "onetower")
 
 
 if __name__ == "__main__":

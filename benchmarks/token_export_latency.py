@@ -12,6 +12,7 @@ Models of one runtime run in interleaved rounds, each runtime in a process of it
 
     python benchmarks/token_export_latency.py            # ViT-Tiny 224 px: lowering takes ~1 min per model
     python benchmarks/token_export_latency.py --quick    # nano models at 32 px, for a smoke run
+    python benchmarks/token_export_latency.py --profile  # also where the time goes (``_profile.py``)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from _common import (
     time_runtimes,
     timing_args,
 )
+from _profile import print_profiles, profile_ptes
 from mobile_vmoe.export.token import for_export
 
 
@@ -73,6 +75,8 @@ def main() -> None:
         lower("pte", "token_e10_int8", models["token_e10"], "int8")
         lower("pte", "image_e10_int8", build(image_name), "int8")  # the paper's E=10, K=1, L=2
         samples = time_runtimes(paths, x, rounds, args)
+        fp32 = {k: p for k, p in paths.items() if not k.endswith("_int8")}
+        prof = profile_ptes(fp32, x, args) if args.profile else None
 
     print_medians(f"{dense_name} vs {token_name}, batch 1, {rounds} rounds x {args.iters} runs", samples)
     rows = []
@@ -89,6 +93,8 @@ def main() -> None:
         Ratio("d", "image MoE int8 / dense int8", "pte", "image_e10_int8", "dense_int8", Goal(1.05)),
     ]
     print_ratios(rows, samples, args.iters)
+    if prof:
+        print_profiles(prof, "dense")
 
 
 if __name__ == "__main__":
