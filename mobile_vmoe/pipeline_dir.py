@@ -380,10 +380,17 @@ def locked(out: Path) -> Iterator[None]:
 
 def wait_for(out: Path, stage: str, plan: StagePlan = CLASSIFIER) -> None:
     """Ranks > 0 under torchrun wait here while rank 0 runs a single-process stage."""
+    _wait(
+        lambda: not_done(out, stage, plan) is None,
+        f"rank 0 to finish stage {stage} ({marker_path(out, stage)})",
+    )
+
+
+def _wait(ready: Any, what: str) -> None:
     t0 = time.monotonic()
-    while not_done(out, stage, plan) is not None:
+    while not ready():
         if time.monotonic() - t0 > RANK0_WAIT_S:
-            raise UserError(f"waited 24 h for rank 0 to finish stage {stage} ({marker_path(out, stage)})")
+            raise UserError(f"waited 24 h for {what}")
         time.sleep(2)
 
 
@@ -421,9 +428,11 @@ def run_stages(
 
 
 def _follow(pipeline: Any, out: Path, plan: StagePlan) -> None:
-    """A rank > 0: each stage up to the last every-rank one that rank 0 has not finished is run here too when it
-    is an every-rank stage (the trainings meet rank 0 in their process group), then its marker awaited; the later
-    stages are rank 0's alone."""
+    """A rank > 0, once rank 0 has prepared OUT: each stage up to the last every-rank one that rank 0 has not
+    finished is run here too when it is an every-rank stage (the trainings meet rank 0 in their process group),
+    then its marker awaited; the later stages are rank 0's alone."""
+    # a new OUT: nothing written before rank 0 has checked it (an empty or new directory) and made it a pipeline one
+    _wait(lambda: is_pipeline_dir(out), f"rank 0 to check and prepare {out} (its {PIPELINE_YAML})")
     last = max(plan.stages.index(s) for s in plan.every_rank)
     for stage in plan.stages[: last + 1]:
         if not_done(out, stage, plan) is None:

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from fixtures import image_folder
+from fixtures import hold_lock, image_folder
 
 from mobile_vmoe.bench import validate_result
 from mobile_vmoe.bench.schema import ingest_result
@@ -149,22 +149,11 @@ def test_quick_preset_on_a_users_imagefolder_is_quiet_and_warns_about_an_empty_c
     assert seconds < 600
 
 
-def _hold_lock(out):
-    """Another process holding OUT's lock, as a second pipeline run would."""
-    code = (
-        "import sys, time; from pathlib import Path; from mobile_vmoe.pipeline_dir import locked\n"
-        "with locked(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 @pytest.mark.slow
 def test_a_second_run_into_the_same_out_is_refused_while_ranks_above_0_take_no_lock(user_run, monkeypatch):
     out, data, done, _ = user_run
     assert done.returncode == 0
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         with pytest.raises(
             UserError, match=rf"another pipeline run is writing this directory \(pid {holder.pid} "
@@ -341,7 +330,7 @@ def test_a_marker_cannot_send_a_redo_outside_the_pipeline_directory(tmp_path):
 
 def test_a_second_run_is_refused_while_the_directory_is_locked(tmp_path):
     out = tmp_path / "out"
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         t0 = time.perf_counter()
         r = _cli("pipeline", "--preset", "quick", "--out", out, timeout=300)
