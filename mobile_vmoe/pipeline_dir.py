@@ -9,8 +9,9 @@
 
 ``run_stages`` drives either pipeline (its object has one method per stage, each returning a StageDone). Under
 torchrun the stages of ``StagePlan.every_rank`` (data, trainings: DDP) run on every rank; the others run on rank
-0, which alone takes the lock and writes markers, while the other ranks follow rank 0's markers and return after
-the last every-rank stage.
+0, which alone takes the lock and writes markers, while the other ranks wait until rank 0 has checked OUT and
+deleted what this run redoes (a key in torchrun's store), then follow rank 0's markers and return after the last
+every-rank stage.
 
 A stage is done when its marker exists, holds its summary record, and every output it vouches for is there.
 Redoing a stage deletes exactly the outputs its marker lists (never anything else), then the marker; a
@@ -28,6 +29,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -407,13 +409,16 @@ def run_stages(
     method of ``pipeline`` named after each stage. Rank 0 (or a run without torchrun) checks OUT, takes the lock
     and writes the markers; ranks > 0 take no lock and follow rank 0 (``_follow``). The caller has checked
     ``start`` and the config (``first_stage``, ``scheduling``: see ``check_config_change``)."""
+    store = _torchrun_store()
     if int(os.environ.get("RANK", "0")) != 0:
-        _follow(pipeline, out, plan)
+        _follow(pipeline, out, plan, store)
         return
     check_out_dir(out, start)
     with locked(out):
         check_config_change(out, cfg, start, first_stage, scheduling, plan)
         first = prepare(out, cfg, start, plan)
+        if store is not None:
+            store.set(_prepared_key(), "1")  # the other ranks may read the markers now
         for i, stage in enumerate(plan.stages):
             if first is None or i < plan.stages.index(first):
                 log.info("[%s] done before, skipped", stage)
@@ -427,12 +432,16 @@ def run_stages(
             log.info("[%s] done in %.1f s", stage, seconds)
 
 
-def _follow(pipeline: Any, out: Path, plan: StagePlan) -> None:
+def _follow(pipeline: Any, out: Path, plan: StagePlan, store: Any) -> None:
     """A rank > 0, once rank 0 has prepared OUT: each stage up to the last every-rank one that rank 0 has not
     finished is run here too when it is an every-rank stage (the trainings meet rank 0 in their process group),
     then its marker awaited; the later stages are rank 0's alone."""
-    # a new OUT: nothing written before rank 0 has checked it (an empty or new directory) and made it a pipeline one
-    _wait(lambda: is_pipeline_dir(out), f"rank 0 to check and prepare {out} (its {PIPELINE_YAML})")
+    # before rank 0's prepare, OUT may be unchecked (nothing must be written) and may hold the markers of the
+    # stages a --from (or a changed config) is about to redo
+    if store is not None:
+        store.wait([_prepared_key()], timedelta(seconds=RANK0_WAIT_S))
+    else:  # no torchrun store to hear it from: OUT a pipeline directory (a --from run is then racy)
+        _wait(lambda: is_pipeline_dir(out), f"rank 0 to check and prepare {out} (its {PIPELINE_YAML})")
     last = max(plan.stages.index(s) for s in plan.every_rank)
     for stage in plan.stages[: last + 1]:
         if not_done(out, stage, plan) is None:
@@ -440,3 +449,18 @@ def _follow(pipeline: Any, out: Path, plan: StagePlan) -> None:
         if stage in plan.every_rank:
             getattr(pipeline, stage)()
         wait_for(out, stage, plan)
+
+
+def _torchrun_store() -> Any:
+    """torchrun's store (its agent's: it outlives the trainings' process groups), None without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=RANK0_WAIT_S)))
+    return store
+
+
+def _prepared_key() -> str:
+    """Set by rank 0 once OUT is checked and what this run redoes is deleted; one per torchrun (re)start."""
+    return f"mobile_vmoe/pipeline_prepared/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"

@@ -25,7 +25,7 @@ from mobile_vmoe.files.image_text_eval import read_image_text_eval
 from mobile_vmoe.files.sidecar import read_sidecar
 from mobile_vmoe.files.stage_marker import StageMarker, write_marker
 from mobile_vmoe.pipeline import load_pipeline_config
-from mobile_vmoe.pipeline_dir import read_summary
+from mobile_vmoe.pipeline_dir import not_done, read_summary
 from mobile_vmoe.pipeline_limoe import (
     FIRST_STAGE,
     LIMOE_PLAN,
@@ -209,11 +209,23 @@ def watch(event, args):
         writes.append(os.path.abspath(os.fsdecode(args[1])))
 sys.addaudithook(watch)
 from mobile_vmoe.cli import main
-rc = main(["pipeline", "--config", sys.argv[1], "--out", sys.argv[2]])
+rc = main(["pipeline", "--config", sys.argv[1], "--out", sys.argv[2], *sys.argv[4:]])
 with open(os.path.join(sys.argv[3], f"rank{os.environ['RANK']}.json"), "w") as f:
     json.dump({"rc": rc, "writes": writes}, f)
 sys.exit(rc)  # a failed rank fails the job: torchrun then stops the other ranks
 """
+
+
+def _torchrun_pipeline(script: Path, cfg: Path, out: Path, log: Path, *args: str) -> list[dict]:
+    """``torchrun --nproc-per-node 2 ... pipeline``; what each rank wrote."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(cfg), str(out), str(log), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((log / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rc"] for r in ranks] == [0, 0]
+    return ranks
 
 
 def test_torchrun_trains_on_every_rank_and_leaves_the_other_stages_to_rank_0(tmp_path):
@@ -221,14 +233,7 @@ def test_torchrun_trains_on_every_rank_and_leaves_the_other_stages_to_rank_0(tmp
     cfg.write_text(TINY_DDP)
     script.write_text(RANK_SCRIPT)
     log.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(cfg), str(out), str(log)]  # fmt: skip
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((log / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["rc"] for r in ranks] == [0, 0]
+    ranks = _torchrun_pipeline(script, cfg, out, log)
 
     for stage in STAGES:
         assert (out / "stages" / f"{stage}.json").is_file(), stage
@@ -256,6 +261,17 @@ def test_torchrun_trains_on_every_rank_and_leaves_the_other_stages_to_rank_0(tmp
     # no marker, nothing of eval, export, bench or report
     assert set(MODELS) <= written(1) <= {"data", *MODELS}
     assert {".lock", "pipeline.yaml", "stages", "eval", "report.md"} <= written(0)
+
+    # --from clip: both ranks redo clip (rank 1 reads the markers once rank 0 has deleted those of clip and later:
+    # an old clip marker taken for done would leave rank 0 alone in clip's process group)
+    mtimes = {w: (out / w / "model.safetensors").stat().st_mtime_ns for w in MODELS}
+    _torchrun_pipeline(script, cfg, out, log, "--from", "clip")
+    assert [w for w in MODELS if (out / w / "model.safetensors").stat().st_mtime_ns != mtimes[w]] == ["clip"]
+    r0, r1 = (
+        load_file(out / "clip" / "model.safetensors"),
+        load_file(out / "clip" / "replica_rank1.safetensors"),
+    )
+    assert all(torch.equal(r0[k], r1[k]) for k in r0) and not_done(out, "report", LIMOE_PLAN) is None
 
 
 def _all_done(out: Path) -> None:
