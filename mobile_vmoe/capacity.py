@@ -17,7 +17,11 @@ from .files.capacity_curve import PRIORITIES, CapacityCurve, CurvePoint, plot_ro
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InferenceRouting", "apply_routing", "capacity_curve", "plot_capacity_curve"]
+__all__ = ["EVAL_BATCH_SIZE", "InferenceRouting", "apply_routing", "capacity_curve", "plot_capacity_curve"]
+
+# Images per evaluation batch unless told otherwise (``evaluate``, ``capacity_curve``, ``mobile-vmoe eval``):
+# with per-token routing a batch routes whole groups, so a group size must divide it
+EVAL_BATCH_SIZE = 256
 
 
 class InferenceRouting(NamedTuple):
@@ -62,7 +66,7 @@ def capacity_curve(
         raise UserError(f"--capacity-ratio needs values > 0, got {capacity_ratios}")
     if not group_sizes or any(g < 1 for g in group_sizes):
         raise UserError(f"--group-size needs values >= 1, got {list(group_sizes)}")
-    batch = int(data.get("batch_size", 256))
+    batch = int(data.get("batch_size", EVAL_BATCH_SIZE))
     bad_groups = [g for g in group_sizes if batch % g]
     if bad_groups:  # checked here for all of them, before any image is read
         raise UserError(f"--group-size {bad_groups[0]} must divide --batch-size {batch}")

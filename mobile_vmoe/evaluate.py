@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .capacity import InferenceRouting, apply_routing, capacity_curve
+from .capacity import EVAL_BATCH_SIZE, InferenceRouting, apply_routing, capacity_curve
 from .checkpoint import ModelMeta, load_model, resolve_model_file
 from .common import UserError, existing_path, store_paths, write_json_atomic
 from .data import ImageListDataset, collate_skip_bad, scan_dataset
@@ -254,7 +254,7 @@ def prepare_evaluation(
     data_dir: str | os.PathLike[str] | None = None,
     file_list: str | os.PathLike[str] | None = None,
     split: str = "val",
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     num_workers: int = 0,
     routing: InferenceRouting | None = None,
 ) -> Evaluation:
@@ -296,7 +296,7 @@ def evaluate(
     data_dir: str | os.PathLike[str] | None = None,
     file_list: str | os.PathLike[str] | None = None,
     split: str = "val",
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     json_out: str | os.PathLike[str] | None = None,
     num_workers: int = 0,
     superclasses: str | os.PathLike[str] | None = None,
@@ -418,7 +418,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--file-list", default=None, help="evaluate these images instead (relative/path<TAB>class)"
     )
     p.add_argument("--superclasses", default=None, help="superclasses.json for the router accuracy (MoE)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full report (with class x expert counts) here")
     g = p.add_argument_group("per-token V-MoE routing at inference (no retraining)")

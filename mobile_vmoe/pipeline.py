@@ -39,13 +39,12 @@ import argparse
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from .common import UserError, existing_path
 from .config import list_presets, model_kwargs
-from .files.stage_marker import StageMarker, marker_path, write_marker
+from .files.stage_marker import marker_path
 from .pipeline_config import (
     FIRST_STAGE,
     SCHEDULING_KEYS,
@@ -56,6 +55,7 @@ from .pipeline_config import (
     train_config,
 )
 from .pipeline_dir import (
+    CLASSIFIER,
     STAGES,
     BenchSummary,
     ConfusionSummary,
@@ -63,16 +63,11 @@ from .pipeline_dir import (
     EvalSummary,
     ExportSummary,
     ReportSummary,
+    StageDone,
     SuperclassSummary,
     TrainSummary,
-    check_config_change,
-    check_out_dir,
-    locked,
-    not_done,
-    prepare,
     read_summary,
-    summary_result,
-    wait_for,
+    run_stages,
 )
 from .pipeline_limoe import STAGES as LIMOE_STAGES
 from .pipeline_limoe import is_image_text_pipeline, limoe_cli
@@ -89,11 +84,6 @@ MODELS = ("dense", "moe", "vmoe")  # vmoe only when the config names a per-token
 # ---------------------------------------------------------------------------------------------------------------
 # The stages
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class _Done(NamedTuple):
-    outputs: list[Path]  # what the stage's marker vouches for (and what a redo deletes)
-    summary: Any  # the stage's *Summary record
 
 
 def _check_pareto_ratios(c: Any, vmoe: Any) -> None:
@@ -149,6 +139,7 @@ class _Pipeline:
         """Everything a later stage would reject, checked before the first stage runs."""
         import timm
 
+        from .capacity import EVAL_BATCH_SIZE
         from .data import BUILTIN
         from .models.names import classifier_models
         from .superclasses import ALGORITHMS
@@ -179,10 +170,12 @@ class _Pipeline:
                 raise UserError(
                     f"pipeline config capacity_ratios: expected values > 0, got {c.capacity_ratios}"
                 )
-            if not c.capacity_group_sizes or any(g < 1 or 256 % g for g in c.capacity_group_sizes):
+            if not c.capacity_group_sizes or any(
+                g < 1 or EVAL_BATCH_SIZE % g for g in c.capacity_group_sizes
+            ):
                 raise UserError(
-                    "pipeline config capacity_group_sizes: expected divisors of the eval batch (256), got "
-                    f"{c.capacity_group_sizes}"
+                    f"pipeline config capacity_group_sizes: expected divisors of the eval batch of "
+                    f"{EVAL_BATCH_SIZE} images (mobile_vmoe.capacity.EVAL_BATCH_SIZE), got {c.capacity_group_sizes}"
                 )
             if "pte" in c.formats:
                 _check_pareto_ratios(c, vmoe)
@@ -197,7 +190,7 @@ class _Pipeline:
             )
 
     # ---- stages ------------------------------------------------------------------------------------------
-    def data(self) -> _Done:
+    def data(self) -> StageDone:
         from .data import BUILTIN, prepare_dataset, scan_dataset
 
         t = self.train_config("dense")
@@ -215,9 +208,11 @@ class _Pipeline:
             )
         generated = t.data.spec in BUILTIN and d.is_relative_to(self.out)
         outputs = [d] if generated else []  # a user's dataset is not ours to vouch for
-        return _Done(outputs, DataSummary(str(d), len(index.class_names), len(index.train), len(index.val)))
+        return StageDone(
+            outputs, DataSummary(str(d), len(index.class_names), len(index.train), len(index.val))
+        )
 
-    def _train(self, which: str) -> _Done:
+    def _train(self, which: str) -> StageDone:
         from .checkpoint import MODEL_FILE, read_meta
         from .train import find_checkpoint, train
 
@@ -231,26 +226,26 @@ class _Pipeline:
         heldout = read_meta(model_file).train.heldout_list if self.rank == 0 else None
         if heldout and Path(heldout).is_relative_to(self.out):
             outputs.append(Path(heldout))  # what the confusion stage reads
-        return _Done(outputs, TrainSummary(str(run), str(model_file)))
+        return StageDone(outputs, TrainSummary(str(run), str(model_file)))
 
-    def dense(self) -> _Done:
+    def dense(self) -> StageDone:
         return self._train("dense")
 
-    def moe(self) -> _Done:
+    def moe(self) -> StageDone:
         return self._train("moe")
 
-    def vmoe(self) -> _Done:
-        return self._train("vmoe") if self.cfg.vmoe_model else _Done([], TrainSummary("", ""))
+    def vmoe(self) -> StageDone:
+        return self._train("vmoe") if self.cfg.vmoe_model else StageDone([], TrainSummary("", ""))
 
-    def confusion(self) -> _Done:
+    def confusion(self) -> StageDone:
         from .confusion import heldout_confusion, write_confusion
 
         conf = heldout_confusion(self.run_dir("dense"))
         d = self.out / "confusion"
         files = write_confusion(d, conf)
-        return _Done([d, *files], ConfusionSummary(conf.num_images, conf.accuracy, conf.empty_classes))
+        return StageDone([d, *files], ConfusionSummary(conf.num_images, conf.accuracy, conf.empty_classes))
 
-    def superclasses(self) -> _Done:
+    def superclasses(self) -> StageDone:
         from .confusion import read_confusion
         from .files.superclass_map import SUPERCLASSES_JSON
         from .superclasses import find_superclasses
@@ -268,11 +263,11 @@ class _Pipeline:
         )
         json_file = d / SUPERCLASSES_JSON
         outputs = [d, json_file, d / "superclasses.md", d / "superclasses.png"]
-        return _Done(
+        return StageDone(
             outputs, SuperclassSummary(str(json_file), res.within_mass, res.ari_vs_truth, res.warnings)
         )
 
-    def eval(self) -> _Done:
+    def eval(self) -> StageDone:
         from .capacity import capacity_curve
         from .evaluate import evaluate
 
@@ -289,21 +284,22 @@ class _Pipeline:
                                group_sizes=list(self.cfg.capacity_group_sizes))  # fmt: skip
                 outputs += [curve, curve.with_suffix(".png")]
                 s.capacity_curves[which] = str(curve)
-        return _Done(outputs, s)
+        return StageDone(outputs, s)
 
     def _artifacts(self) -> list[Artifact]:
         return export_artifacts(self.cfg, self.out, self.models())
 
-    def export(self) -> _Done:
+    def export(self) -> StageDone:
         from .export.parallel import ExportJob, export_many
         from .files.sidecar import exported_from, sidecar_path
 
         s = ExportSummary({}, {})
         (self.out / "export").mkdir(parents=True, exist_ok=True)  # also with formats=[]: its marker lists it
         jobs = []
+        digests: dict[Path, str] = {}  # each model file hashed once for all its artifacts
         for which, fmt, quant, path, capacity in self._artifacts():
             ckpt = str(self.run_dir(which) / "model.safetensors")
-            if exported_from(path, ckpt):
+            if exported_from(path, ckpt, digests):
                 s.artifacts[path.name] = str(path)  # finished before an interruption, from this model
                 continue
             kw = dict(
@@ -322,9 +318,9 @@ class _Pipeline:
                 s.failed_verification[name] = str(error)
                 log.warning("[export] %s failed verification, left out: %s", name, error)
         done = [Path(p) for p in s.artifacts.values()]
-        return _Done([self.out / "export", *done, *map(sidecar_path, done)], s)
+        return StageDone([self.out / "export", *done, *map(sidecar_path, done)], s)
 
-    def bench(self) -> _Done:
+    def bench(self) -> StageDone:
         from .bench import bench
 
         exported = self.summary("export").artifacts
@@ -343,7 +339,7 @@ class _Pipeline:
                 json_out=res,
             )
             s.results[path.name] = str(res)
-        return _Done([self.out / "bench", images, *map(Path, s.results.values())], s)
+        return StageDone([self.out / "bench", images, *map(Path, s.results.values())], s)
 
     def _bench_images(self) -> Path:
         """One validation image per class (sorted files would feed the benchmark a single class / expert)."""
@@ -367,37 +363,13 @@ class _Pipeline:
         tmp.rename(d)
         return d
 
-    def report(self) -> _Done:
+    def report(self) -> StageDone:
         from .report import write_report
         from .report_common import FILES
 
         paths = write_report(self.out)
         md, html = paths["markdown"], paths["html"]
-        return _Done([md, html, self.out / FILES], ReportSummary(str(md), str(html)))
-
-    # ---- driver ------------------------------------------------------------------------------------------
-    def run_stages(self, first: str | None) -> None:
-        """Rank 0: skip the stages before ``first``, run the rest. Other ranks: follow rank 0's markers."""
-        for i, stage in enumerate(STAGES):
-            if self.rank != 0:
-                if i > STAGES.index("vmoe"):
-                    return  # eval, export, bench and report are rank 0's
-                if not_done(self.out, stage) is None:
-                    continue
-                if stage in MODELS or stage == "data":
-                    getattr(self, stage)()
-                wait_for(self.out, stage)
-                continue
-            if first is None or i < STAGES.index(first):
-                log.info("[%s] done before, skipped", stage)
-                continue
-            log.info("[%s] ...", stage)
-            t0 = time.perf_counter()
-            done: _Done = getattr(self, stage)()
-            seconds = round(time.perf_counter() - t0, 2)
-            rel = [p.relative_to(self.out).as_posix() for p in done.outputs]
-            write_marker(self.out, StageMarker(stage, seconds, rel, summary_result(self.out, done.summary)))
-            log.info("[%s] done in %.1f s", stage, seconds)
+        return StageDone([md, html, self.out / FILES], ReportSummary(str(md), str(html)))
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike[str], start: str | None = None) -> Path:
@@ -406,13 +378,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike[str], start: str | 
         raise UserError(f"--from: expected one of {', '.join(STAGES)}, got {start!r}")
     p = _Pipeline(cfg, Path(out).absolute())
     p.check()
-    if p.rank != 0:
-        p.run_stages(None)
-        return p.out
-    check_out_dir(p.out, start)
-    with locked(p.out):
-        check_config_change(p.out, cfg, start, FIRST_STAGE, SCHEDULING_KEYS)
-        p.run_stages(prepare(p.out, cfg, start))
+    run_stages(p, p.out, cfg, start, CLASSIFIER, FIRST_STAGE, SCHEDULING_KEYS)
     return p.out
 
 

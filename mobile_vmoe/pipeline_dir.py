@@ -7,6 +7,12 @@
                                copied OUT resumes with nothing redone
     OUT/.lock                  flock-ed by the run that writes OUT
 
+``run_stages`` drives either pipeline (its object has one method per stage, each returning a StageDone). Under
+torchrun the stages of ``StagePlan.every_rank`` (data, trainings: DDP) run on every rank; the others run on rank
+0, which alone takes the lock and writes markers, while the other ranks wait until rank 0 has checked OUT and
+deleted what this run redoes (a key in torchrun's store), then follow rank 0's markers and return after the last
+every-rank stage.
+
 A stage is done when its marker exists, holds its summary record, and every output it vouches for is there.
 Redoing a stage deletes exactly the outputs its marker lists (never anything else), then the marker; a
 generated dataset (stage data) is kept, since prepare_dataset rebuilds it when incomplete or changed.
@@ -23,17 +29,18 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .common import PIPELINE_YAML, UserError, load_path, store_path, write_text_atomic
 from .config import config_to_dict, dump_yaml
-from .files.stage_marker import StageMarker, marker_path, read_marker
+from .files.stage_marker import StageMarker, marker_path, read_marker, write_marker
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary",
+    "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "StageDone", "run_stages", "ConfusionSummary", "DataSummary", "EvalSummary",
     "ExportSummary", "LIMOE", "LIMOE_MODELS", "LIMOE_STAGES", "LimoeEvalSummary", "StagePlan",
     "check_config_change", "check_out_dir", "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
     "not_done", "prepare", "read_summary", "summary_result", "wait_for",
@@ -123,14 +130,25 @@ SUMMARIES: dict[str, type] = {
 
 
 class StagePlan(NamedTuple):
-    """A pipeline's stages in order and each one's summary record (the classifier's, or the image-text one of
-    ``pipeline_limoe``): every function below takes one, the classifier pipeline's by default."""
+    """A pipeline's stages in order, each one's summary record and the stages every torchrun rank runs (the
+    classifier's, or the image-text one of ``pipeline_limoe``): every function below takes one, the classifier
+    pipeline's by default."""
 
     stages: tuple[str, ...]
     summaries: Mapping[str, type]
+    every_rank: tuple[
+        str, ...
+    ]  # data (each rank may need it) and the trainings (DDP); the rest: rank 0 alone
 
 
-CLASSIFIER = StagePlan(STAGES, SUMMARIES)
+class StageDone(NamedTuple):
+    """What a stage method returns."""
+
+    outputs: list[Path]  # what the stage's marker vouches for (and what a redo deletes)
+    summary: Any  # the stage's summary record (plan.summaries[stage])
+
+
+CLASSIFIER = StagePlan(STAGES, SUMMARIES, ("data", "dense", "moe", "vmoe"))
 
 
 # The image-text pipeline (``pipeline_limoe``): LIMoE, LIMoE without entropy losses and the two dense baselines.
@@ -148,7 +166,7 @@ class LimoeEvalSummary:
 LIMOE = StagePlan(LIMOE_STAGES, {
     "data": DataSummary, **dict.fromkeys(LIMOE_MODELS, TrainSummary), "eval": LimoeEvalSummary,
     "export": ExportSummary, "bench": BenchSummary, "report": ReportSummary,
-})  # fmt: skip
+}, ("data", *LIMOE_MODELS))  # fmt: skip
 
 
 def _paths(summary: Any, convert: Any) -> Any:
@@ -364,8 +382,85 @@ def locked(out: Path) -> Iterator[None]:
 
 def wait_for(out: Path, stage: str, plan: StagePlan = CLASSIFIER) -> None:
     """Ranks > 0 under torchrun wait here while rank 0 runs a single-process stage."""
+    _wait(
+        lambda: not_done(out, stage, plan) is None,
+        f"rank 0 to finish stage {stage} ({marker_path(out, stage)})",
+    )
+
+
+def _wait(ready: Any, what: str) -> None:
     t0 = time.monotonic()
-    while not_done(out, stage, plan) is not None:
+    while not ready():
         if time.monotonic() - t0 > RANK0_WAIT_S:
-            raise UserError(f"waited 24 h for rank 0 to finish stage {stage} ({marker_path(out, stage)})")
+            raise UserError(f"waited 24 h for {what}")
         time.sleep(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage driver of both pipelines
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_stages(
+    pipeline: Any, out: Path, cfg: Any, start: str | None, plan: StagePlan, first_stage: Mapping[str, str],
+    scheduling: set[str],
+) -> None:  # fmt: skip
+    """Run every unfinished stage of ``plan`` into ``out`` (``start``: redo from that stage on), calling the
+    method of ``pipeline`` named after each stage. Rank 0 (or a run without torchrun) checks OUT, takes the lock
+    and writes the markers; ranks > 0 take no lock and follow rank 0 (``_follow``). The caller has checked
+    ``start`` and the config (``first_stage``, ``scheduling``: see ``check_config_change``)."""
+    store = _torchrun_store()
+    if int(os.environ.get("RANK", "0")) != 0:
+        _follow(pipeline, out, plan, store)
+        return
+    check_out_dir(out, start)
+    with locked(out):
+        check_config_change(out, cfg, start, first_stage, scheduling, plan)
+        first = prepare(out, cfg, start, plan)
+        if store is not None:
+            store.set(_prepared_key(), "1")  # the other ranks may read the markers now
+        for i, stage in enumerate(plan.stages):
+            if first is None or i < plan.stages.index(first):
+                log.info("[%s] done before, skipped", stage)
+                continue
+            log.info("[%s] ...", stage)
+            t0 = time.perf_counter()
+            done: StageDone = getattr(pipeline, stage)()
+            seconds = round(time.perf_counter() - t0, 2)
+            rel = [p.relative_to(out).as_posix() for p in done.outputs]
+            write_marker(out, StageMarker(stage, seconds, rel, summary_result(out, done.summary)))
+            log.info("[%s] done in %.1f s", stage, seconds)
+
+
+def _follow(pipeline: Any, out: Path, plan: StagePlan, store: Any) -> None:
+    """A rank > 0, once rank 0 has prepared OUT: each stage up to the last every-rank one that rank 0 has not
+    finished is run here too when it is an every-rank stage (the trainings meet rank 0 in their process group),
+    then its marker awaited; the later stages are rank 0's alone."""
+    # before rank 0's prepare, OUT may be unchecked (nothing must be written) and may hold the markers of the
+    # stages a --from (or a changed config) is about to redo
+    if store is not None:
+        store.wait([_prepared_key()], timedelta(seconds=RANK0_WAIT_S))
+    else:  # no torchrun store to hear it from: OUT a pipeline directory (a --from run is then racy)
+        _wait(lambda: is_pipeline_dir(out), f"rank 0 to check and prepare {out} (its {PIPELINE_YAML})")
+    last = max(plan.stages.index(s) for s in plan.every_rank)
+    for stage in plan.stages[: last + 1]:
+        if not_done(out, stage, plan) is None:
+            continue
+        if stage in plan.every_rank:
+            getattr(pipeline, stage)()
+        wait_for(out, stage, plan)
+
+
+def _torchrun_store() -> Any:
+    """torchrun's store (its agent's: it outlives the trainings' process groups), None without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=RANK0_WAIT_S)))
+    return store
+
+
+def _prepared_key() -> str:
+    """Set by rank 0 once OUT is checked and what this run redoes is deleted; one per torchrun (re)start."""
+    return f"mobile_vmoe/pipeline_prepared/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"

@@ -22,7 +22,13 @@ config refused, bad config before any stage), with this stage plan:
 
 The four models share the data, the training preset (recipe, batch, steps, seed) and, by their sizes, the
 compute per example; they differ only in the model name and, for ``limoe_no_entropy``,
-``image_text.entropy_losses=false``. One process (no torchrun) for now.
+``image_text.entropy_losses=false``.
+
+Under torchrun (``torchrun --nproc-per-node N -m mobile_vmoe.cli pipeline --preset limoe``) the data and the four
+trainings run on every rank (DDP: ``batch_size`` is the global batch, split over the ranks); eval, export, bench
+and report run on rank 0, which alone takes the lock and writes the markers, while the other ranks follow its
+markers and exit after the last training (``pipeline_dir.run_stages``; OUT must be on a file system every node
+sees).
 """
 
 from __future__ import annotations
@@ -30,14 +36,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .common import UserError
 from .config import Config, load_config, load_structured
-from .files.stage_marker import StageMarker, write_marker
 from .pipeline_dir import (
     LIMOE,
     LIMOE_MODELS,
@@ -47,13 +51,10 @@ from .pipeline_dir import (
     ExportSummary,
     LimoeEvalSummary,
     ReportSummary,
+    StageDone,
     TrainSummary,
-    check_config_change,
-    check_out_dir,
-    locked,
-    prepare,
     read_summary,
-    summary_result,
+    run_stages,
 )
 
 log = logging.getLogger(__name__)
@@ -150,11 +151,6 @@ def limoe_artifacts(cfg: LimoePipelineConfig, out: Path) -> list[LimoeArtifact]:
     return arts
 
 
-class _Done(NamedTuple):
-    outputs: list[Path]  # what the stage's marker vouches for (and what a redo deletes)
-    summary: Any
-
-
 class _LimoePipeline:
     def __init__(self, cfg: LimoePipelineConfig, out: Path) -> None:
         self.cfg, self.out = cfg, out
@@ -215,7 +211,7 @@ class _LimoePipeline:
             )
 
     # ---- stages ------------------------------------------------------------------------------------------
-    def data(self) -> _Done:
+    def data(self) -> StageDone:
         from .builtin_captions import BUILTIN_CAPTIONS, prepare_caption_set
         from .captions import caption_splits, is_caption_source, read_caption_set
         from .files.captions import CaptionColumns
@@ -237,35 +233,35 @@ class _LimoePipeline:
         generated = t.data.spec in BUILTIN_CAPTIONS and d.is_relative_to(self.out)
         val = len(splits[1]) if len(splits) > 1 else 0
         n_classes = len(classes.class_names) if classes else 0
-        return _Done([d] if generated else [], DataSummary(str(d), n_classes, len(splits[0]), val))
+        return StageDone([d] if generated else [], DataSummary(str(d), n_classes, len(splits[0]), val))
 
-    def _train(self, which: str) -> _Done:
+    def _train(self, which: str) -> StageDone:
         from .checkpoint import MODEL_FILE
         from .train import find_checkpoint
         from .train_image_text import train_image_text
 
         tcfg = limoe_train_config(self.cfg, self.out, which)
         tcfg.resume = find_checkpoint(tcfg.out) is not None  # an interrupted run continues
-        if tcfg.resume:
+        if tcfg.resume and int(os.environ.get("RANK", "0")) == 0:
             log.info("[%s] continuing the interrupted run in %s", which, tcfg.out)
         run = train_image_text(tcfg)
-        return _Done(
+        return StageDone(
             [run, run / MODEL_FILE, run / "config.yaml"], TrainSummary(str(run), str(run / MODEL_FILE))
         )
 
-    def limoe(self) -> _Done:
+    def limoe(self) -> StageDone:
         return self._train("limoe")
 
-    def limoe_no_entropy(self) -> _Done:
+    def limoe_no_entropy(self) -> StageDone:
         return self._train("limoe_no_entropy")
 
-    def onetower(self) -> _Done:
+    def onetower(self) -> StageDone:
         return self._train("onetower")
 
-    def clip(self) -> _Done:
+    def clip(self) -> StageDone:
         return self._train("clip")
 
-    def eval(self) -> _Done:
+    def eval(self) -> StageDone:
         from .evaluate_image_text import evaluate_image_text
 
         s = LimoeEvalSummary({}, {}, {})
@@ -278,9 +274,9 @@ class _LimoePipeline:
             s.zero_shot_top1[which] = ev.zero_shot.top1 if ev.zero_shot is not None else None
             s.image_to_text_r1[which] = ev.retrieval.image_to_text_r1
             log.info("[eval] %s: zero-shot top-1 %s", which, s.zero_shot_top1[which])
-        return _Done(outputs, s)
+        return StageDone(outputs, s)
 
-    def export(self) -> _Done:
+    def export(self) -> StageDone:
         from .checkpoint import MODEL_FILE
         from .export.parallel import ExportJob, export_many
         from .files.sidecar import exported_from, sidecar_path
@@ -288,8 +284,9 @@ class _LimoePipeline:
         s = ExportSummary({}, {})
         (self.out / "export").mkdir(parents=True, exist_ok=True)  # also with formats=[]
         jobs = []
+        digests: dict[Path, str] = {}  # each model file hashed once for all its artifacts
         for which, fmt, part, path in limoe_artifacts(self.cfg, self.out):
-            if exported_from(path, self.out / which / MODEL_FILE):
+            if exported_from(path, self.out / which / MODEL_FILE, digests):
                 s.artifacts[path.name] = str(path)  # finished before an interruption, from this model
                 continue
             kw = dict(checkpoint=str(self.out / which / MODEL_FILE), part=part, num_verify=self.cfg.num_verify,
@@ -301,9 +298,9 @@ class _LimoePipeline:
                 raise error  # fp32 only: a failed check is a bug, not a precision trade-off
             s.artifacts[Path(job.out).name] = job.out
         done = [Path(p) for p in s.artifacts.values()]
-        return _Done([self.out / "export", *done, *map(sidecar_path, done)], s)
+        return StageDone([self.out / "export", *done, *map(sidecar_path, done)], s)
 
-    def bench(self) -> _Done:
+    def bench(self) -> StageDone:
         from .bench import bench
 
         exported = self.summary("export").artifacts
@@ -318,28 +315,15 @@ class _LimoePipeline:
             bench(path, warmup=self.cfg.bench_warmup, iterations=self.cfg.bench_iterations,
                   threads=self.cfg.bench_threads or None, json_out=res)  # fmt: skip
             s.results[path.name] = str(res)
-        return _Done([self.out / "bench", *map(Path, s.results.values())], s)
+        return StageDone([self.out / "bench", *map(Path, s.results.values())], s)
 
-    def report(self) -> _Done:
+    def report(self) -> StageDone:
         from .report_common import FILES
         from .report_limoe import write_limoe_report
 
         paths = write_limoe_report(self.out)
         md, html = paths["markdown"], paths["html"]
-        return _Done([md, html, self.out / FILES], ReportSummary(str(md), str(html)))
-
-    def run_stages(self, first: str | None) -> None:
-        for i, stage in enumerate(STAGES):
-            if first is None or i < STAGES.index(first):
-                log.info("[%s] done before, skipped", stage)
-                continue
-            log.info("[%s] ...", stage)
-            t0 = time.perf_counter()
-            done: _Done = getattr(self, stage)()
-            seconds = round(time.perf_counter() - t0, 2)
-            rel = [p.relative_to(self.out).as_posix() for p in done.outputs]
-            write_marker(self.out, StageMarker(stage, seconds, rel, summary_result(self.out, done.summary)))
-            log.info("[%s] done in %.1f s", stage, seconds)
+        return StageDone([md, html, self.out / FILES], ReportSummary(str(md), str(html)))
 
 
 def run_limoe_pipeline(
@@ -350,15 +334,9 @@ def run_limoe_pipeline(
         raise UserError(
             f"--from: expected one of {', '.join(STAGES)} (an image-text pipeline), got {start!r}"
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("the image-text pipeline runs in one process; train a model under torchrun with "
-                        "`mobile-vmoe train --config limoe_tiny` instead")  # fmt: skip
     p = _LimoePipeline(cfg, Path(out).absolute())
     p.check()
-    check_out_dir(p.out, start)
-    with locked(p.out):
-        check_config_change(p.out, cfg, start, FIRST_STAGE, SCHEDULING_KEYS, LIMOE_PLAN)
-        p.run_stages(prepare(p.out, cfg, start, LIMOE_PLAN))
+    run_stages(p, p.out, cfg, start, LIMOE_PLAN, FIRST_STAGE, SCHEDULING_KEYS)
     return p.out
 
 
@@ -369,5 +347,6 @@ def limoe_cli(args: argparse.Namespace, preset_or_file: str) -> int:
         cfg.data = args.data
     out = Path(args.out or Path("runs") / f"pipeline-{cfg.name}")
     run_limoe_pipeline(cfg, out, args.start)
-    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0

@@ -6,6 +6,7 @@ directory (``train_run`` does).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -134,12 +135,25 @@ def make_env(cfg: Config, image_text: bool = False) -> Env:
     return env
 
 
+_GROUPS_JOINED = (
+    itertools.count()
+)  # process groups this process has joined: the pipeline trains several in turn
+
+
 def init_process_group(env: Env) -> None:
-    """Join the DDP process group (torchrun), NCCL on CUDA, gloo on CPU."""
+    """Join the DDP process group (torchrun), NCCL on CUDA, gloo on CPU.
+
+    A pipeline joins one group per training, each destroyed at its end (``train_run.finish_run``). torchrun's
+    store outlives them and still holds the previous group's rendezvous keys (each rank's address), which a new
+    group under the same key prefix would read before the other rank has replaced them: each group gets a prefix
+    of its own (the n-th group of every rank is the same training)."""
     if env.world > 1 and not dist.is_initialized():
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
-        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", init_method="env://")
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"mobile_vmoe_group{next(_GROUPS_JOINED)}", store)
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world)
 
 
 def reseed(seed: int, rank: int, step: int) -> None:

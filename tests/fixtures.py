@@ -1,10 +1,13 @@
-"""Test data shared by tests and benchmarks: planted confusion matrices, tiny ImageFolder datasets.
+"""Test data and helpers shared by tests and benchmarks: planted confusion matrices, tiny ImageFolder datasets, a
+held pipeline lock.
 
 Benchmarks import it through benchmarks/_common.py.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,3 +59,14 @@ def image_folder(
                 img = np.clip(base + rng.integers(-30, 31, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
     return root
+
+
+def hold_lock(out: Path):
+    """Another process holding a pipeline directory's lock, as a second pipeline run would (kill it after)."""
+    code = (
+        "import sys, time; from pathlib import Path; from mobile_vmoe.pipeline_dir import locked\n"
+        "with locked(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

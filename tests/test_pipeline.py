@@ -8,13 +8,16 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
-from fixtures import image_folder
+import torch
+from fixtures import hold_lock, image_folder
+from safetensors.torch import load_file
 
 from mobile_vmoe.bench import validate_result
 from mobile_vmoe.bench.schema import ingest_result
@@ -149,22 +152,11 @@ def test_quick_preset_on_a_users_imagefolder_is_quiet_and_warns_about_an_empty_c
     assert seconds < 600
 
 
-def _hold_lock(out):
-    """Another process holding OUT's lock, as a second pipeline run would."""
-    code = (
-        "import sys, time; from pathlib import Path; from mobile_vmoe.pipeline_dir import locked\n"
-        "with locked(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 @pytest.mark.slow
 def test_a_second_run_into_the_same_out_is_refused_while_ranks_above_0_take_no_lock(user_run, monkeypatch):
     out, data, done, _ = user_run
     assert done.returncode == 0
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         with pytest.raises(
             UserError, match=rf"another pipeline run is writing this directory \(pid {holder.pid} "
@@ -339,9 +331,30 @@ def test_a_marker_cannot_send_a_redo_outside_the_pipeline_directory(tmp_path):
     assert victim.read_text() == "not the pipeline's"
 
 
+def test_torchrun_trains_back_to_back_on_every_rank_and_leaves_the_other_stages_to_rank_0(tmp_path):
+    """Two gloo processes through the three-way pipeline without exports: moe and vmoe train one right after the
+    other, each in a process group of its own (their rendezvous must not read the previous group's keys)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "mobile_vmoe.cli", "pipeline", "--preset", "quick", "--out", str(out), "formats=[]", THREEWAY[0],
+           "train_overrides=[dump_replicas=true]"]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(read_marker(out, s) is not None for s in STAGES) and (out / "report.md").is_file()
+    assert done.stdout.count("report: ") == 1  # rank 0 alone
+    for which in ("dense", "moe", "vmoe"):
+        r0, r1 = (
+            load_file(out / which / "model.safetensors"),
+            load_file(out / which / "replica_rank1.safetensors"),
+        )
+        assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0), which
+
+
 def test_a_second_run_is_refused_while_the_directory_is_locked(tmp_path):
     out = tmp_path / "out"
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         t0 = time.perf_counter()
         r = _cli("pipeline", "--preset", "quick", "--out", out, timeout=300)

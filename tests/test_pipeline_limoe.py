@@ -7,18 +7,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from fixtures import image_folder
+import torch
+from fixtures import hold_lock, image_folder
+from safetensors.torch import load_file
 
+from mobile_vmoe import pipeline_dir
 from mobile_vmoe.bench import validate_result
-from mobile_vmoe.common import UserError
+from mobile_vmoe.common import PIPELINE_YAML, UserError
+from mobile_vmoe.config import dump_yaml
 from mobile_vmoe.files.image_text_eval import read_image_text_eval
 from mobile_vmoe.files.sidecar import read_sidecar
+from mobile_vmoe.files.stage_marker import StageMarker, write_marker
 from mobile_vmoe.pipeline import load_pipeline_config
-from mobile_vmoe.pipeline_dir import read_summary
+from mobile_vmoe.pipeline_dir import not_done, read_summary
 from mobile_vmoe.pipeline_limoe import (
     FIRST_STAGE,
     LIMOE_PLAN,
@@ -161,3 +168,142 @@ def test_a_classifier_dataset_is_refused_before_any_stage(tmp_path):
     with pytest.raises(UserError, match=f"--data {photos}: not a caption set.*not an image-classification"):
         run_limoe_pipeline(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Under torchrun: trainings on every rank (DDP), every other stage on rank 0 alone
+# ---------------------------------------------------------------------------------------------------------------
+
+# limoe_quick shrunk: 6 classes of 16 px images (4 tokens), batch 32 (16 per rank), no export (formats=[])
+TINY_DDP = """
+kind: image_text
+train: limoe_synthetic
+train_overrides:
+  - "data.dataset_kwargs={num_superclasses: 3, num_fine: 2, train_per_class: 8, val_per_class: 4, image_size: 16}"
+  - data.image_size=16
+  - model_kwargs.depth=2
+  - model_kwargs.context_length=16
+  - batch_size=32
+  - schedule.epochs=1
+  - schedule.warmup_epochs=0
+  - threads=1
+  - dump_replicas=true
+formats: []
+text_encoder: false
+eval_batch_size: 64
+bench_warmup: 0
+bench_iterations: 1
+"""
+
+# Each rank runs the CLI in process and records every path it opened for writing or renamed onto (Python's audit
+# events): what rank 1 wrote, seen from inside, not guessed from the files left behind.
+RANK_SCRIPT = """
+import json, os, sys
+writes = []
+def watch(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path, mode, flags = args
+        if (mode is not None and set(mode) & set("wax+")) or (mode is None and flags & (os.O_WRONLY | os.O_RDWR)):
+            writes.append(os.path.abspath(os.fsdecode(path)))
+    elif event == "os.rename":
+        writes.append(os.path.abspath(os.fsdecode(args[1])))
+sys.addaudithook(watch)
+from mobile_vmoe.cli import main
+rc = main(["pipeline", "--config", sys.argv[1], "--out", sys.argv[2], *sys.argv[4:]])
+with open(os.path.join(sys.argv[3], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"rc": rc, "writes": writes}, f)
+sys.exit(rc)  # a failed rank fails the job: torchrun then stops the other ranks
+"""
+
+
+def _torchrun_pipeline(script: Path, cfg: Path, out: Path, log: Path, *args: str) -> list[dict]:
+    """``torchrun --nproc-per-node 2 ... pipeline``; what each rank wrote."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(cfg), str(out), str(log), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((log / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rc"] for r in ranks] == [0, 0]
+    return ranks
+
+
+def test_torchrun_trains_on_every_rank_and_leaves_the_other_stages_to_rank_0(tmp_path):
+    cfg, script, out, log = tmp_path / "tiny.yaml", tmp_path / "rank.py", tmp_path / "out", tmp_path / "log"
+    cfg.write_text(TINY_DDP)
+    script.write_text(RANK_SCRIPT)
+    log.mkdir()
+    ranks = _torchrun_pipeline(script, cfg, out, log)
+
+    for stage in STAGES:
+        assert (out / "stages" / f"{stage}.json").is_file(), stage
+    assert (out / "export").is_dir() and read_summary(out, "export", LIMOE_PLAN).artifacts == {}
+    assert read_summary(out, "data", LIMOE_PLAN).train == 96  # 6 classes x 8 images x 2 captions
+    for which in MODELS:
+        run = out / which
+        assert (run / "config.yaml").is_file() and read_image_text_eval(out / "eval" / f"{which}.json")
+        # DDP: rank 1's replica ends as rank 0's model file, after 96 / 32 = 3 steps of 16 pairs per rank
+        r0, r1 = load_file(run / "model.safetensors"), load_file(run / "replica_rank1.safetensors")
+        assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0), which
+        epochs = [
+            r
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "epoch"
+        ]
+        assert epochs[-1]["step"] == 3
+    assert (out / "report.md").is_file()
+
+    def written(rank: int) -> set[str]:
+        """The top-level entries of OUT that rank ``rank`` wrote into."""
+        return {Path(w).relative_to(out).parts[0] for w in ranks[rank]["writes"] if w.startswith(f"{out}/")}
+
+    # rank 1: its share of the data and of the trainings (its replicas), nothing else: no lock, no pipeline.yaml,
+    # no marker, nothing of eval, export, bench or report
+    assert set(MODELS) <= written(1) <= {"data", *MODELS}
+    assert {".lock", "pipeline.yaml", "stages", "eval", "report.md"} <= written(0)
+
+    # --from clip: both ranks redo clip (rank 1 reads the markers once rank 0 has deleted those of clip and later:
+    # an old clip marker taken for done would leave rank 0 alone in clip's process group)
+    mtimes = {w: (out / w / "model.safetensors").stat().st_mtime_ns for w in MODELS}
+    _torchrun_pipeline(script, cfg, out, log, "--from", "clip")
+    assert [w for w in MODELS if (out / w / "model.safetensors").stat().st_mtime_ns != mtimes[w]] == ["clip"]
+    r0, r1 = (
+        load_file(out / "clip" / "model.safetensors"),
+        load_file(out / "clip" / "replica_rank1.safetensors"),
+    )
+    assert all(torch.equal(r0[k], r1[k]) for k in r0) and not_done(out, "report", LIMOE_PLAN) is None
+
+
+def _all_done(out: Path) -> None:
+    """A pipeline directory whose every stage is done: pipeline.yaml and one marker per stage (no outputs)."""
+    out.mkdir()
+    (out / PIPELINE_YAML).write_text(dump_yaml(load_limoe_pipeline_config("limoe_quick")))
+    for stage in STAGES:
+        fields = dataclasses.fields(LIMOE_PLAN.summaries[stage])  # a marker holds its summary's fields
+        write_marker(out, StageMarker(stage, 0.0, [], {f.name: None for f in fields}))
+
+
+def test_ranks_above_0_take_no_lock_and_leave_the_stages_after_the_trainings_to_rank_0(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _all_done(out)
+    cfg = load_limoe_pipeline_config("limoe_quick")
+    monkeypatch.setattr(pipeline_dir, "RANK0_WAIT_S", 0)  # a rank > 0 waiting for a marker fails at once
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(
+            UserError, match=rf"another pipeline run is writing this directory \(pid {holder.pid} "
+        ):
+            run_limoe_pipeline(cfg, out)
+        monkeypatch.setenv("RANK", "1")  # a torchrun rank > 0 follows the markers; every stage is done
+        assert run_limoe_pipeline(cfg, out) == out
+        for stage in (
+            "eval",
+            "export",
+            "bench",
+            "report",
+        ):  # rank 0's alone: a rank > 0 does not wait for them
+            (out / "stages" / f"{stage}.json").unlink()
+        assert run_limoe_pipeline(cfg, out) == out
+    finally:
+        holder.kill()
+        holder.wait()

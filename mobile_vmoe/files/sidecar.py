@@ -247,14 +247,28 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
     )
 
 
-def exported_from(artifact: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> bool:
+def exported_from(
+    artifact: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    digests: dict[Path, str] | None = None,
+) -> bool:
     """Whether ``artifact`` is finished (its sidecar written last) and was exported from ``checkpoint`` as it is
-    now: a resumed export keeps such files and redoes the others (a model retrained since, an older sidecar)."""
+    now: a resumed export keeps such files and redoes the others (a model retrained since, an older sidecar).
+
+    ``digests`` (checkpoint -> sha256), shared by the calls of one export stage, hashes each checkpoint once
+    for all its artifacts; the caller keeps it no longer than the checkpoints stay unchanged. A checkpoint is
+    hashed only when an artifact with a sidecar needs it."""
     side = sidecar_path(artifact)
     if not (Path(artifact).exists() and side.is_file()):
         return False
     sc = read_sidecar(side)
-    return sc.checkpoint_sha256 is not None and sc.checkpoint_sha256 == artifact_digest(checkpoint)[1]
+    if sc.checkpoint_sha256 is None:
+        return False
+    digests = {} if digests is None else digests
+    key = Path(checkpoint)
+    if key not in digests:
+        digests[key] = artifact_digest(key)[1]
+    return sc.checkpoint_sha256 == digests[key]
 
 
 def find_sidecar(artifact: str | os.PathLike[str]) -> tuple[Path | None, Sidecar | None]:
