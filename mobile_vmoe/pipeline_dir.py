@@ -40,10 +40,10 @@ from .files.stage_marker import StageMarker, marker_path, read_marker, write_mar
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "StageDone", "run_stages", "ConfusionSummary", "DataSummary", "EvalSummary",
+    "CLASSIFIER", "STAGES", "SUMMARIES", "BenchSummary", "ConfusionSummary", "DataSummary", "EvalSummary",
     "ExportSummary", "LIMOE", "LIMOE_MODELS", "LIMOE_STAGES", "LimoeEvalSummary", "StagePlan",
     "check_config_change", "check_out_dir", "ReportSummary", "SuperclassSummary", "TrainSummary", "capacity_export_name", "changed_keys", "is_pipeline_dir", "locked",
-    "not_done", "prepare", "read_summary", "summary_result", "wait_for",
+    "not_done", "prepare", "read_summary", "run_stages", "StageDone", "summary_result", "wait_for",
 ]  # fmt: skip
 
 STAGES = ("data", "dense", "confusion", "superclasses", "moe", "vmoe", "eval", "export", "bench", "report")
@@ -136,9 +136,8 @@ class StagePlan(NamedTuple):
 
     stages: tuple[str, ...]
     summaries: Mapping[str, type]
-    every_rank: tuple[
-        str, ...
-    ]  # data (each rank may need it) and the trainings (DDP); the rest: rank 0 alone
+    # Data (each rank may need it) and the trainings (DDP); the rest: rank 0 alone.
+    every_rank: tuple[str, ...]
 
 
 class StageDone(NamedTuple):

@@ -135,9 +135,8 @@ def make_env(cfg: Config, image_text: bool = False) -> Env:
     return env
 
 
-_GROUPS_JOINED = (
-    itertools.count()
-)  # process groups this process has joined: the pipeline trains several in turn
+# Process groups this process has joined: the pipeline trains several in turn.
+_GROUPS_JOINED = itertools.count()
 
 
 def init_process_group(env: Env) -> None:
