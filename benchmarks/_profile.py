@@ -11,30 +11,59 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import random
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from _common import num_rounds
 
 KINDS = ("xnnpack linear", "xnnpack other", "delegate calls", "portable kernels", "runtime other", "total")
 
 
-def profile_pte(path: str, x: torch.Tensor, runs: int, threads: int | None) -> dict[str, float]:
-    """Median ms per kind (``KINDS``) over ``runs`` runs of one ``.pte``, plus the number of delegate and portable
-    calls per run; runs in a child process (the thread pool is reset before any program is loaded)."""
+def profile_ptes(
+    paths: dict[str, Path], x: torch.Tensor, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """The profile of each ``.pte`` of ``paths`` ("pte/<key>" -> file) by key, all in one fresh process and in
+    interleaved rounds like the timings (``_common.time_runtime``): one process per model, one after the other,
+    let the machine's drift show as differences between models."""
+    ptes = {key[4:]: str(path) for key, path in paths.items() if key.startswith("pte/")}
+    rounds = min(num_rounds(args), 10)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_profile, (ptes, x, rounds, args.iters, args.warmup, args.threads))
+
+
+def _profile(
+    ptes: dict[str, str], x: torch.Tensor, rounds: int, iters: int, warmup: int, threads: int | None
+) -> dict[str, dict[str, float]]:
+    """Median ms per kind (``KINDS``) of each program over ``rounds`` x ``iters`` runs, plus its number of
+    delegate and portable calls per run."""
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
 
-    if threads:
+    if threads:  # before any program is loaded (see _common.time_runtime)
         portable_lib._unsafe_reset_threadpool(threads)
-    module = portable_lib._load_for_executorch(path, enable_etdump=True)
-    for _ in range(runs):
-        module.forward([x])
+    modules = {k: portable_lib._load_for_executorch(p, enable_etdump=True) for k, p in ptes.items()}
+    for m in modules.values():
+        for _ in range(warmup):
+            m.forward([x])
+    rng = random.Random(0)
+    for _ in range(rounds):
+        for k in rng.sample(list(modules), len(modules)):
+            for _ in range(iters):
+                modules[k].forward([x])
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dump = str(Path(tmp) / "run.etdp")
-        module.write_etdump_result_to_file(dump)
-        inspector = Inspector(etdump_path=dump)
+        for k, m in modules.items():
+            dump = str(Path(tmp) / f"{k}.etdp")
+            m.write_etdump_result_to_file(dump)
+            out[k] = _by_kind(Inspector(etdump_path=dump))
+    return out
+
+
+def _by_kind(inspector: Any) -> dict[str, float]:
     t = dict.fromkeys(KINDS, 0.0) | {"delegate call count": 0.0, "portable call count": 0.0}
     delegate_ops = 0.0
     for block in inspector.event_blocks:
@@ -60,20 +89,6 @@ def profile_pte(path: str, x: torch.Tensor, runs: int, threads: int | None) -> d
     t["delegate calls"] -= delegate_ops
     t["runtime other"] = t["total"] - t["delegate calls"] - delegate_ops - t["portable kernels"]
     return t
-
-
-def profile_ptes(
-    paths: dict[str, Path], x: torch.Tensor, args: argparse.Namespace
-) -> dict[str, dict[str, float]]:
-    """``profile_pte`` of each ``.pte`` of ``paths`` ("pte/<key>" -> file), each in a fresh process, by key."""
-    runs = max(args.warmup + args.iters, 20)
-    ctx = multiprocessing.get_context("spawn")
-    prof = {}
-    for key, path in paths.items():
-        if key.startswith("pte/"):
-            with ctx.Pool(1) as pool:
-                prof[key[4:]] = pool.apply(profile_pte, (str(path), x, runs, args.threads))
-    return prof
 
 
 def print_profiles(prof: dict[str, dict[str, float]], base: str) -> None:
