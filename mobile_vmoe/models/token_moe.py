@@ -68,7 +68,7 @@ def buffer_slots(
     # Few, small ops: exported, each of them is a portable kernel call on the phone. K = 1 (the usual inference)
     # needs no K-major reshuffle.
     idx = expert_idx.reshape(G, N) if K == 1 else expert_idx.transpose(1, 2).reshape(G, K * N)  # K-major
-    rank = None  # [G, K * N]: the choice each ranked position holds (None: token order)
+    rank: torch.Tensor | None = None  # [G, K * N]: the choice each ranked position holds (None: token order)
     if bpr:
         # [G, N], most confident first; topk, not argsort: ExecuTorch's portable kernels have no sort
         order = gates[..., 0].topk(N, dim=1).indices
@@ -76,7 +76,7 @@ def buffer_slots(
         rank = rank.reshape(G, K * N)
         idx = idx.gather(1, rank)
     onehot = F.one_hot(idx, E)  # [G, K * N, E] in ranking order
-    routed = None  # [G, K * N] in ranking order: the choices of tokens inside the mask
+    routed: torch.Tensor | None = None  # [G, K * N] in ranking order: the choices of tokens inside the mask
     if mask is not None:  # a masked token counts for no expert
         routed = (mask if rank is None else mask.gather(1, rank[:, :N])).repeat(1, K)
         onehot = onehot * routed.unsqueeze(-1)
@@ -219,6 +219,7 @@ def group_images(batch: int, group_size: int) -> int:
 # Under a plain FX trace the batch size is a proxy: these run when the graph runs, not when it is traced.
 torch.fx.wrap("group_images")
 torch.fx.wrap("expert_capacity")
+torch.fx.wrap("buffer_slots")  # its few-ops forms depend on K and G
 
 
 # Kept outside the modules: a routing holds graph tensors, which deepcopy (EMA, export copies) cannot copy.
