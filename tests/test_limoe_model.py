@@ -324,6 +324,8 @@ def test_equal_compute_baselines():
     assert flops[ONETOWER] == flops[CLIP]  # the same blocks run the same tokens, in one tower or two
     # LIMoE adds routers and buffer slack (5 slots x 8 experts for 32 tokens): under a fifth more
     assert flops[ONETOWER] < flops[LIMOE] < 1.2 * flops[ONETOWER]
+    # counted at the size the model was built for, not its name's: 4x the image tokens at 64 px
+    assert flops_per_example(_model(ONETOWER, img_size=64)) > 2 * flops[ONETOWER]
     model = _model(ONETOWER)
     params = {n: sum(p.numel() for p in _model(n).parameters()) for n in (ONETOWER, CLIP)}
     assert params[CLIP] - params[ONETOWER] == sum(p.numel() for p in model.blocks.parameters())
