@@ -15,6 +15,7 @@ import multiprocessing
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ __all__ = [
     "planted_confusion",
     "print_medians",
     "print_ratios",
+    "run_interleaved",
     "time_runtime",
     "time_runtimes",
     "timing_args",
@@ -136,6 +138,13 @@ def time_runtime(
     runners = {
         k: PteRunner(p) if runtime == "pte" else OnnxRunner(p, threads=threads) for k, p in paths.items()
     }
+    return run_interleaved(runners, x, rounds, iters, warmup)
+
+
+def run_interleaved(
+    runners: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, rounds: int, iters: int, warmup: int
+) -> dict[str, list[float]]:
+    """Per-run latencies (ms) of each runner on ``x``: ``warmup`` untimed runs each, then interleaved rounds."""
     for k in runners:
         for _ in range(warmup):
             runners[k](x)

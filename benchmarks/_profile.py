@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import random
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import num_rounds
+from _common import num_rounds, run_interleaved
 
 KINDS = ("xnnpack linear", "xnnpack other", "delegate calls", "portable kernels", "runtime other", "total")
 
@@ -46,14 +45,9 @@ def _profile(
     if threads:  # before any program is loaded (see _common.time_runtime)
         portable_lib._unsafe_reset_threadpool(threads)
     modules = {k: portable_lib._load_for_executorch(p, enable_etdump=True) for k, p in ptes.items()}
-    for m in modules.values():
-        for _ in range(warmup):
-            m.forward([x])
-    rng = random.Random(0)
-    for _ in range(rounds):
-        for k in rng.sample(list(modules), len(modules)):
-            for _ in range(iters):
-                modules[k].forward([x])
+    run_interleaved(
+        {k: (lambda t, m=m: m.forward([t])) for k, m in modules.items()}, x, rounds, iters, warmup
+    )
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k, m in modules.items():

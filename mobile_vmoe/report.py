@@ -166,7 +166,7 @@ def _models_section(r: ReportRun) -> list[str]:
     ]
     for w in _models(r):
         m, meta = load_model(r.stages[w].model_file)
-        p = profile_model(m, (3, *m.patch_embed.img_size))
+        p = profile_model(m)
         kind = (
             f"per image: E={m.num_experts}, K={m.top_k}, last L={m.num_moe_layers} blocks"
             if m.is_moe

@@ -105,7 +105,7 @@ def _models_section(r: ReportRun, evals: dict[str, ImageTextEval]) -> list[str]:
         if w not in r.stages:
             continue
         m, meta = load_model(r.stages[w].model_file)
-        p = profile_model(m, (3, *m.patch_embed.img_size))  # the trained size, not the name's
+        p = profile_model(m)  # at the trained size (count_flops), not the name's
         ev = evals.get(w)
         zs, rt = (ev.zero_shot, ev.retrieval) if ev is not None else (None, None)
         cells = [pct(zs.top1) if zs else "n/a", pct(zs.top5) if zs else "n/a"]

@@ -373,7 +373,7 @@ class ImageTextTransformer(nn.Module):
 def flops_per_example(model: nn.Module) -> int:
     """Forward FLOPs of one image-caption pair (full-length caption), batch 1, eval mode: both modalities, at the
     image size the model was built for (its name's size may differ: ``img_size=``)."""
-    return count_flops(model, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size))
+    return count_flops(model)
 
 
 # name -> (size, patch resolution, family); family: "limoe" (one tower, E=8), "onetower" (dense), "clip"

@@ -32,12 +32,21 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, total - inactive
 
 
+def built_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was built for: its patch embedding's (``img_size=`` may differ from its name's size),
+    else its pretrained config's."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        return (pe.proj.in_channels, *pe.img_size)
+    return tuple(model.pretrained_cfg["input_size"])  # type: ignore[index,return-value]
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
-    """Forward FLOPs for a single image (batch 1), model in eval mode; an image-text model (``is_image_text``)
-    runs one image and one full-length caption."""
+    """Forward FLOPs for a single image (batch 1, ``built_input_size`` by default), model in eval mode; an
+    image-text model (``is_image_text``) runs one image and one full-length caption."""
     if input_size is None:
-        input_size = tuple(model.pretrained_cfg["input_size"])  # type: ignore[index]
+        input_size = built_input_size(model)
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
