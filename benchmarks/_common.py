@@ -183,21 +183,30 @@ def print_medians(title: str, samples: dict[str, list[float]]) -> None:
         print(f"  {k:30s} {latency_stats(v)['p50']:8.2f}")
 
 
-def print_ratios(rows: list[Ratio], samples: dict[str, list[float]], iters: int) -> None:
-    """Each ratio of medians with its goal, and the spread of the per-round ratios (middle half)."""
+def print_ratios(
+    rows: list[Ratio], samples: dict[str, list[float]], iters: int, floors: dict[str, float] | None = None
+) -> None:
+    """Each ratio of medians with its goal, and the spread of the per-round ratios (middle half); with
+    ``floors`` (``_floor.py``: "<runtime>/<key>" -> ms) also the ratio of the two models' floors."""
     # The spread shows how much of a value is this machine's noise: on a shared 2-core host a single round's
     # ratio moves by several percent.
     med = {k: latency_stats(v)["p50"] for k, v in samples.items()}
     width = max(len(r.label) for r in rows)
-    print(f"\nratio{' ' * (width + 1)}runtime        value  goal   met   rounds p25-p75")
+    floor_head = "  floor" if floors else ""
+    print(f"\nratio{' ' * (width + 1)}runtime        value  goal   met   rounds p25-p75{floor_head}")
     for r in rows:
-        a, b = samples[f"{r.runtime}/{r.num}"], samples[f"{r.runtime}/{r.den}"]
-        v = med[f"{r.runtime}/{r.num}"] / med[f"{r.runtime}/{r.den}"]
+        num, den = f"{r.runtime}/{r.num}", f"{r.runtime}/{r.den}"
+        a, b = samples[num], samples[den]
+        v = med[num] / med[den]
         per_round = [
             float(np.median(a[i : i + iters]) / np.median(b[i : i + iters])) for i in range(0, len(a), iters)
         ]
         lo, hi = np.percentile(per_round, [25, 75])
         verdict = "  -       -  " if r.goal is None else f"{r.goal!s:6s} {'yes' if r.goal.met(v) else 'NO '}"
+        floor = ""
+        if floors and (num in floors or den in floors):
+            floor = f"  {floors.get(num, med[num]) / floors.get(den, med[den]):6.3f}"
         print(
             f"({r.tag}) {r.label:{width}s} {RUNTIME_NAMES[r.runtime]:12s} {v:6.3f}  {verdict}  {lo:.3f}-{hi:.3f}"
+            f"{floor}"
         )

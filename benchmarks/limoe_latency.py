@@ -9,7 +9,8 @@ export form ``export/token.py``), the dense one-tower model (``mobile_onetower_*
     (b) LIMoE / two-tower CLIP                              for information (same image tower as one-tower)
     (c) text encoder (``--part text``), LIMoE / one-tower   for information (captions of the full context)
 Weights are random (latency does not depend on them; the routing's buffers have a fixed size), and so are the
-class embeddings. Models of one runtime run in interleaved rounds, each runtime in a process of its own.
+class embeddings. Models of one runtime run in interleaved rounds, each runtime in a process of its own. Beside
+(a), its floor: the ratio had the routing cost nothing, from probes of the expert linears alone (``_floor.py``).
 
     python benchmarks/limoe_latency.py            # tiny 224 px: lowering takes ~1 min per model
     python benchmarks/limoe_latency.py --quick    # nano models at 32 px, for a smoke run
@@ -35,6 +36,7 @@ from _common import (
     time_runtimes,
     timing_args,
 )
+from _floor import Floor, MlpRows, expert_probe, floor_medians
 from _profile import print_profiles, profile_ptes
 from mobile_vmoe.export.image_text import TextEncoder, ZeroShotClassifier
 from mobile_vmoe.export.token import for_export
@@ -69,6 +71,10 @@ def main() -> None:
     texts = {} if args.no_text else {k: export_form(TextEncoder(towers[k])) for k in ("limoe", "onetower")}
     H, W = towers["limoe"].patch_embed.img_size
     x = torch.randn(1, 3, H, W)
+    T, D = towers["onetower"].num_image_tokens, towers["onetower"].width  # the image path's tokens
+    experts, L = expert_probe(images["limoe"], T)
+    probes = {"mlp": MlpRows([towers["onetower"].blocks[-1].mlp], T, D).eval(), "experts": experts}
+    floors = {"limoe": Floor("onetower", L, "experts", "mlp")}
     L = towers["limoe"].context_length
     tokens = Tokenizer(L)([SAMPLE_CAPTIONS[5]]).tokens  # the longest sample caption: the full context
 
@@ -82,12 +88,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="limoe-latency-") as tmp:
         for fmt in ("pte", "onnx"):
-            for key, m in images.items():
+            for key, m in (images | probes).items():
                 lower(fmt, key, m, x, paths)
             for key, m in texts.items():
                 lower(fmt, f"{key}_text", m, tokens, text_paths)
         samples = time_runtimes(paths, x, rounds, args)
-        prof = profile_ptes(paths, x, args) if args.profile else None
+        models = {k: p for k, p in paths.items() if k.split("/")[1] in images}
+        prof = profile_ptes(models, x, args) if args.profile else None
         if text_paths:
             samples.update(time_runtimes(text_paths, tokens, rounds, args))
 
@@ -102,7 +109,7 @@ def main() -> None:
         ]
         if texts:
             rows.append(Ratio("c", "LIMoE / one-tower (text encoder)", rt, "limoe_text", "onetower_text"))
-    print_ratios(rows, samples, args.iters)
+    print_ratios(rows, samples, args.iters, floor_medians(samples, floors))
     if prof:
         print_profiles(prof, "onetower")
 

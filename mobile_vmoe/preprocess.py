@@ -13,16 +13,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .common import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["HIGH_BIT_MODES", "INTERPOLATIONS", "Preprocess", "to_rgb8"]
+
+# timm.data's IMAGENET_DEFAULT_MEAN / _STD (a test holds them equal): importing timm costs the bench's child
+# process, which times a model file and needs neither timm nor torch, seconds.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -40,8 +46,8 @@ class Preprocess:
     size: int  # model input, size x size
     resize: int  # the shorter side is resized to this before the centre crop (>= size)
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
-    std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
     def __post_init__(self) -> None:
         problems = []

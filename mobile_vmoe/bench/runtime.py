@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import BENCH_CHILD_ENV
 from ..common import UserError
 from ..preprocess import Preprocess
 
@@ -292,6 +293,7 @@ def _load_onnx(path: str, arrays: list[np.ndarray], threads: int | None) -> tupl
 def _load_torch(path: str, arrays: list[np.ndarray], threads: int | None) -> tuple[_Loaded, _MemoryMark]:
     import torch
 
+    from .. import models  # noqa: F401  (registers them: the child skipped that at import)
     from ..checkpoint import load_model
 
     if threads:
@@ -459,6 +461,7 @@ def _run_child(
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
+                env={**os.environ, BENCH_CHILD_ENV: "1"},
             )
             assert proc.stdout is not None
             for line in proc.stdout:

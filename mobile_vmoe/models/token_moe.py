@@ -144,8 +144,7 @@ class TokenRouter(nn.Module):
     ) -> TokenRouting:
         """The routing from ``scores``: top-K of the noisy softmax, buffer slots, balance losses; gates in ``dtype``."""
         probs = noisy.softmax(dim=-1)
-        # [G, N, K]; max for one choice: exported, a portable topk costs ~10x a max over E
-        # [G, N, K]; max for one choice: exported, a portable topk costs ~2x a max over E
+        # [G, N, K]; max for one choice: exported, a portable topk over E costs more than a max
         gates, idx = probs.max(dim=-1, keepdim=True) if self.top_k == 1 else probs.topk(self.top_k, dim=-1)
         slot = buffer_slots(idx, gates, self.num_experts, capacity, bpr, mask)
         importance, load = self.balance_losses(logits, noisy, mask)
