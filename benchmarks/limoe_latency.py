@@ -8,9 +8,12 @@ export form ``export/token.py``), the dense one-tower model (``mobile_onetower_*
     (a) LIMoE / one-tower                                   goal <= 1.10
     (b) LIMoE / two-tower CLIP                              for information (same image tower as one-tower)
     (c) text encoder (``--part text``), LIMoE / one-tower   for information (captions of the full context)
+    (d) LIMoE with MoE in 2 blocks / one-tower              for information: ``moe_every=6``, as few MoE blocks as
+                                                            Mobile V-MoE's L=2 (the paper's LIMoE has 6 of 12)
 Weights are random (latency does not depend on them; the routing's buffers have a fixed size), and so are the
 class embeddings. Models of one runtime run in interleaved rounds, each runtime in a process of its own. Beside
-(a), its floor: the ratio had the routing cost nothing, from probes of the expert linears alone (``_floor.py``).
+(a) and (d), the floor: the ratio had the routing cost nothing, from probes of the expert linears alone
+(``_floor.py``).
 
     python benchmarks/limoe_latency.py            # tiny 224 px: lowering takes ~1 min per model
     python benchmarks/limoe_latency.py --quick    # nano models at 32 px, for a smoke run
@@ -59,6 +62,7 @@ def main() -> None:
         "clip": f"mobile_clip_{size}",
     }
     towers = {key: build(name) for key, name in names.items()}
+    towers["limoe_2moe"] = build(names["limoe"], moe_every=6)  # blocks 5 and 11 of 12
     P = towers["limoe"].embed_dim
     class_embeds = F.normalize(
         torch.randn(NUM_CLASSES, P, generator=torch.Generator().manual_seed(0)), dim=-1
@@ -74,7 +78,10 @@ def main() -> None:
     T, D = towers["onetower"].num_image_tokens, towers["onetower"].width  # the image path's tokens
     experts, L = expert_probe(images["limoe"], T)
     probes = {"mlp": MlpRows([towers["onetower"].blocks[-1].mlp], T, D).eval(), "experts": experts}
-    floors = {"limoe": Floor("onetower", L, "experts", "mlp")}
+    floors = {
+        "limoe": Floor("onetower", L, "experts", "mlp"),
+        "limoe_2moe": Floor("onetower", towers["limoe_2moe"].num_moe_layers, "experts", "mlp"),
+    }
     L = towers["limoe"].context_length
     tokens = Tokenizer(L)([SAMPLE_CAPTIONS[5]]).tokens  # the longest sample caption: the full context
 
@@ -109,6 +116,7 @@ def main() -> None:
         ]
         if texts:
             rows.append(Ratio("c", "LIMoE / one-tower (text encoder)", rt, "limoe_text", "onetower_text"))
+        rows.append(Ratio("d", "LIMoE, MoE in 2 blocks / one-tower", rt, "limoe_2moe", "onetower"))
     print_ratios(rows, samples, args.iters, floor_medians(samples, floors))
     if prof:
         print_profiles(prof, "onetower")
