@@ -12,8 +12,8 @@ export form ``export/token.py``), the dense one-tower model (``mobile_onetower_*
                                                             Mobile V-MoE's L=2 (the paper's LIMoE has 6 of 12)
 Weights are random (latency does not depend on them; the routing's buffers have a fixed size), and so are the
 class embeddings. Models of one runtime run in interleaved rounds, each runtime in a process of its own. Beside
-(a) and (d), the floor: the ratio had the routing cost nothing, from probes of the expert linears alone
-(``_floor.py``).
+(a), (b) and (d), the floor: the same ratio of LIMoE's static form, the same experts on fixed token slices with no
+routing, timed in the same rounds (``_floor.py``).
 
     python benchmarks/limoe_latency.py            # tiny 224 px: lowering takes ~1 min per model
     python benchmarks/limoe_latency.py --quick    # nano models at 32 px, for a smoke run
@@ -39,7 +39,7 @@ from _common import (
     time_runtimes,
     timing_args,
 )
-from _floor import Floor, MlpRows, expert_probe, floor_medians
+from _floor import STATIC, floor_medians, static_form
 from _profile import print_profiles, profile_ptes
 from mobile_vmoe.export.image_text import TextEncoder, ZeroShotClassifier
 from mobile_vmoe.export.token import for_export
@@ -75,13 +75,7 @@ def main() -> None:
     texts = {} if args.no_text else {k: export_form(TextEncoder(towers[k])) for k in ("limoe", "onetower")}
     H, W = towers["limoe"].patch_embed.img_size
     x = torch.randn(1, 3, H, W)
-    T, D = towers["onetower"].num_image_tokens, towers["onetower"].width  # the image path's tokens
-    experts, L = expert_probe(images["limoe"], T)
-    probes = {"mlp": MlpRows([towers["onetower"].blocks[-1].mlp], T, D).eval(), "experts": experts}
-    floors = {
-        "limoe": Floor("onetower", L, "experts", "mlp"),
-        "limoe_2moe": Floor("onetower", towers["limoe_2moe"].num_moe_layers, "experts", "mlp"),
-    }
+    statics = {k + STATIC: static_form(images[k]) for k in ("limoe", "limoe_2moe")}  # floors (``_floor.py``)
     L = towers["limoe"].context_length
     tokens = Tokenizer(L)([SAMPLE_CAPTIONS[5]]).tokens  # the longest sample caption: the full context
 
@@ -95,7 +89,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="limoe-latency-") as tmp:
         for fmt in ("pte", "onnx"):
-            for key, m in (images | probes).items():
+            for key, m in (images | statics).items():
                 lower(fmt, key, m, x, paths)
             for key, m in texts.items():
                 lower(fmt, f"{key}_text", m, tokens, text_paths)
@@ -117,7 +111,7 @@ def main() -> None:
         if texts:
             rows.append(Ratio("c", "LIMoE / one-tower (text encoder)", rt, "limoe_text", "onetower_text"))
         rows.append(Ratio("d", "LIMoE, MoE in 2 blocks / one-tower", rt, "limoe_2moe", "onetower"))
-    print_ratios(rows, samples, args.iters, floor_medians(samples, floors))
+    print_ratios(rows, samples, args.iters, floor_medians(samples))
     if prof:
         print_profiles(prof, "onetower")
 

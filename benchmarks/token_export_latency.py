@@ -9,8 +9,8 @@ and through ExecuTorch only (dynamic int8, ``--quantize int8``):
     (d) per-token MoE int8 / dense int8, and per-image MoE (``mobile_vmoe_*``, E=10) int8 / dense int8   goal <= 1.05
 Weights are random (latency does not depend on them, nor does the routing's cost: buffers have a fixed size).
 Models of one runtime run in interleaved rounds, each runtime in a process of its own (``_common.py``). Beside
-each ratio, its floor: the same ratio had the routing cost nothing, from probes of the expert linears alone timed
-in the same rounds (``_floor.py``).
+each ratio, its floor: the same ratio of the per-token models' static forms, timed in the same rounds: the same
+experts on fixed token slices, with no routing (``_floor.py``).
 
     python benchmarks/token_export_latency.py            # ViT-Tiny 224 px: lowering takes ~1 min per model
     python benchmarks/token_export_latency.py --quick    # nano models at 32 px, for a smoke run
@@ -35,7 +35,7 @@ from _common import (
     time_runtimes,
     timing_args,
 )
-from _floor import Floor, MlpRows, expert_probe, floor_medians
+from _floor import STATIC, floor_medians, static_form
 from _profile import print_profiles, profile_ptes
 from mobile_vmoe.export.token import for_export
 
@@ -64,13 +64,7 @@ def main() -> None:
         models[key] = for_export(build(token_name, num_experts=E), capacity_ratio=ratio, bpr=True)
     H, W = dense.patch_embed.img_size
     x = torch.randn(1, 3, H, W)
-    T = dense.patch_embed.num_patches + dense.num_prefix_tokens  # tokens per image, all routed
-    probes = {"mlp": MlpRows([dense.blocks[-1].mlp], T, dense.embed_dim).eval()}
-    floors: dict[str, Floor] = {}
-    for key in token:
-        probes[f"experts_{key}"], L = expert_probe(models[key], T)
-        floors[key] = Floor("dense", L, f"experts_{key}", "mlp")
-    floors["token_e10_int8"] = Floor("dense_int8", L, "experts_token_e10_int8", "mlp_int8")
+    statics = {key + STATIC: static_form(models[key]) for key in token}  # the floors (``_floor.py``)
 
     paths: dict[str, Path] = {}
 
@@ -84,13 +78,12 @@ def main() -> None:
         lower("pte", "dense_int8", dense, "int8")
         lower("pte", "token_e10_int8", models["token_e10"], "int8")
         lower("pte", "image_e10_int8", build(image_name), "int8")  # the paper's E=10, K=1, L=2
-        for key, m in probes.items():
+        for key, m in statics.items():
             for fmt in ("pte", "onnx"):
                 lower(fmt, key, m)
-        lower("pte", "mlp_int8", probes["mlp"], "int8")
-        lower("pte", "experts_token_e10_int8", probes["experts_token_e10"], "int8")
+        lower("pte", "token_e10_int8" + STATIC, statics["token_e10" + STATIC], "int8")
         samples = time_runtimes(paths, x, rounds, args)
-        fp32 = {k: p for k, p in paths.items() if not k.endswith("_int8") and k.split("/")[1] not in probes}
+        fp32 = {k: p for k, p in paths.items() if not k.endswith(("_int8", STATIC))}
         prof = profile_ptes(fp32, x, args) if args.profile else None
 
     print_medians(f"{dense_name} vs {token_name}, batch 1, {rounds} rounds x {args.iters} runs", samples)
@@ -107,7 +100,7 @@ def main() -> None:
         Ratio("d", "token MoE int8 / dense int8", "pte", "token_e10_int8", "dense_int8", Goal(1.05)),
         Ratio("d", "image MoE int8 / dense int8", "pte", "image_e10_int8", "dense_int8", Goal(1.05)),
     ]
-    print_ratios(rows, samples, args.iters, floor_medians(samples, floors))
+    print_ratios(rows, samples, args.iters, floor_medians(samples))
     if prof:
         print_profiles(prof, "dense")
 
