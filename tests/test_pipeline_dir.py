@@ -54,12 +54,16 @@ def test_a_rank_above_0_waits_for_rank_0_to_delete_what_from_redoes(tmp_path, mo
     monkeypatch.delenv("RANK", raising=False)  # this thread is rank 0
     first = Stages(out, 0, threading.Barrier(1))  # the last run: one process, every stage done
     run_stages(first, out, Cfg(), None, PLAN, {}, set())
-    assert first.ran == ["prep", "train", "report"] and all(not_done(out, s, PLAN) is None for s in PLAN.stages)
+    assert first.ran == ["prep", "train", "report"] and all(
+        not_done(out, s, PLAN) is None for s in PLAN.stages
+    )
 
     # --from train under torchrun: rank 1 starts first and finds every marker of the last run in place; taken
     # for done, they would leave rank 0 alone in train's process group
     # one store, a client per rank (a client serves one call at a time, like a rank's own process)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+    )
     client = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timedelta(seconds=60))
     monkeypatch.setattr(pipeline_dir, "_torchrun_store", lambda: store)
     meet = threading.Barrier(2, timeout=30)
@@ -82,4 +86,3 @@ def test_a_rank_above_0_waits_for_rank_0_to_delete_what_from_redoes(tmp_path, mo
     assert not follower.is_alive() and failed == []
     assert rank0.ran == ["train", "report"] and rank1.ran == ["train"]  # prep was done; report is rank 0's
     assert read_summary(out, "train", PLAN) == Ran(0) and (out / "report").read_text() == "0"
-
