@@ -59,8 +59,9 @@ def test_a_rank_above_0_waits_for_rank_0_to_delete_what_from_redoes(tmp_path, mo
     )
 
     # --from train under torchrun: rank 1 starts first and finds every marker of the last run in place; taken
-    # for done, they would leave rank 0 alone in train's process group
-    # one store, a client per rank (a client serves one call at a time, like a rank's own process)
+    # for done, they would leave rank 0 alone in train's process group. One store, a client per rank (a client
+    # serves one call at a time, like a rank's own process); waits bounded, so a failure cannot hang the suite.
+    monkeypatch.setattr(pipeline_dir, "RANK0_WAIT_S", 60)
     store = dist.TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
     )
@@ -76,7 +77,7 @@ def test_a_rank_above_0_waits_for_rank_0_to_delete_what_from_redoes(tmp_path, mo
         except BaseException as e:  # noqa: BLE001 - the main thread reports it
             failed.append(e)
 
-    follower = threading.Thread(target=follow)
+    follower = threading.Thread(target=follow, daemon=True)
     follower.start()
     follower.join(timeout=1.0)
     assert follower.is_alive() and rank1.ran == []  # still waiting for rank 0's key, not reading the markers
