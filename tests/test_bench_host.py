@@ -266,3 +266,29 @@ def test_the_child_process_imports_neither_the_models_nor_timm_nor_torch():
     env = {**os.environ, BENCH_CHILD_ENV: "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_pte_child_opens_the_runtime_without_the_exporter_and_reads_the_backends(files, tmp_path):
+    """A .pte child skips executorch's exporter (torch._dynamo, inductor: seconds per file), and its flatbuffer
+    reader lists the backends that executorch's own deserialiser lists."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(files["pte"].read_bytes())
+    prog = getattr(pte, "program", pte)
+    assert sorted({d.id for plan in prog.execution_plan for d in plan.delegates}) == ["XnnpackBackend"]
+    code = (
+        "import sys; from mobile_vmoe.bench.runtime import _probe_pte; "
+        f"p = _probe_pte({str(files['pte'])!r}); "
+        "print(p.shape, p.delegates, [m for m in ('torch._dynamo', 'executorch.exir.program') if m in sys.modules])"
+    )
+    env = {**os.environ, BENCH_CHILD_ENV: "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[1, 3, 32, 32] ['XnnpackBackend'] []"
+
+    # what cannot be read lists no backend instead of failing the measurement
+    from mobile_vmoe.bench.runtime import _delegates
+
+    buf = files["pte"].read_bytes()
+    for i, bad in enumerate([buf[:64], buf[:8] + b"\xff" * 56, b"not a program", b""]):
+        (tmp_path / f"{i}.pte").write_bytes(bad)
+        assert _delegates(str(tmp_path / f"{i}.pte")) == []

@@ -168,8 +168,36 @@ def version_of(dist: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _executorch_runtime() -> tuple[Any, Any]:
+    """(``executorch.runtime.Runtime``, ``portable_lib``), without importing the exporter.
+
+    The bindings import one small module of ``executorch.exir`` (a warning class), and that package's
+    ``__init__`` imports the whole exporter (torch._dynamo, inductor): seconds in every child. The package is
+    entered without running its ``__init__``, so that the module loads alone; should a later executorch need
+    more of it at import, the plain import runs instead.
+    """
+    import importlib.util
+
+    bare = "executorch.exir" not in sys.modules
+    if bare:
+        sys.modules["executorch.exir"] = importlib.util.module_from_spec(
+            importlib.util.find_spec("executorch.exir")
+        )
+    try:
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+    except (ImportError, AttributeError):
+        if not bare:
+            raise
+        for name in [m for m in sys.modules if m == "executorch.exir" or m.startswith("executorch.exir.")]:
+            del sys.modules[name]
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+    return Runtime, portable_lib
+
+
 def _probe_pte(path: str) -> ModelProbe:
-    from executorch.runtime import Runtime
+    Runtime, _ = _executorch_runtime()
 
     try:
         program = Runtime.get().load_program(path)
@@ -182,13 +210,31 @@ def _probe_pte(path: str) -> ModelProbe:
 
 
 def _delegates(path: str) -> list[str]:
-    """The ExecuTorch backends a ``.pte`` uses (informative: read through a private serialiser API)."""
-    try:
-        from executorch.exir._serialize._program import deserialize_pte_binary
+    """The ExecuTorch backends a ``.pte`` uses (informative; [] when they cannot be read).
 
-        pte = deserialize_pte_binary(Path(path).read_bytes())
-        prog = getattr(pte, "program", pte)
-        return sorted({d.id for plan in prog.execution_plan for d in plan.delegates})
+    Read straight from the program's flatbuffer (ExecuTorch's ``program.fbs``: ``Program.execution_plan`` is
+    field 1, ``ExecutionPlan.delegates`` field 7, ``BackendDelegate.id`` field 0): executorch's own reader
+    sits behind the exporter's imports.
+    """
+    from flatbuffers import encode, packer
+    from flatbuffers.table import Table
+
+    def tables(t: Table, field: int) -> list[Table]:
+        o = t.Offset(4 + 2 * field)
+        if not o:
+            return []
+        start, n = t.Vector(o), t.VectorLen(o)
+        if start + 4 * n > len(t.Bytes):  # a malformed length: no table list that long fits in the file
+            raise ValueError("vector past the end of the file")
+        return [Table(t.Bytes, t.Indirect(start + 4 * i)) for i in range(n)]
+
+    try:
+        buf = Path(path).read_bytes()
+        if buf[4:6] != b"ET":  # the file identifier, ET<version>
+            return []
+        root = Table(buf, encode.Get(packer.uoffset, buf, 0))
+        ids = {d.String(d.Pos + o).decode() for p in tables(root, 1) for d in tables(p, 7) if (o := d.Offset(4))}
+        return sorted(ids)
     except Exception:
         return []
 
@@ -240,9 +286,8 @@ class _MemoryMark:
 
 def _load_pte(path: str, arrays: list[np.ndarray], threads: int | None) -> tuple[_Loaded, _MemoryMark]:
     import torch
-    from executorch.extension.pybindings import portable_lib
-    from executorch.runtime import Runtime
 
+    Runtime, portable_lib = _executorch_runtime()
     runtime = Runtime.get()
     if threads:  # before any program is loaded: a reset under loaded XNNPACK programs hangs the next run
         portable_lib._unsafe_reset_threadpool(int(threads))
