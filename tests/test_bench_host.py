@@ -279,11 +279,12 @@ def test_a_pte_child_opens_the_runtime_without_the_exporter_and_reads_the_backen
     code = (
         "import sys; from mobile_vmoe.bench.runtime import _probe_pte; "
         f"p = _probe_pte({str(files['pte'])!r}); "
-        "print(p.shape, p.delegates, [m for m in ('torch._dynamo', 'executorch.exir.program') if m in sys.modules])"
+        "print(p.shape, p.delegates, [m for m in ('torch._dynamo', 'executorch.exir.program') if m in sys.modules], "
+        "'executorch.exir' in sys.modules)"  # no bare package entry left behind
     )
     env = {**os.environ, BENCH_CHILD_ENV: "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "[1, 3, 32, 32] ['XnnpackBackend'] []"
+    assert done.stdout.strip().splitlines()[-1] == "[1, 3, 32, 32] ['XnnpackBackend'] [] False"
 
     # what cannot be read lists no backend instead of failing the measurement
     from mobile_vmoe.bench.runtime import _delegates

@@ -169,30 +169,33 @@ def version_of(dist: str) -> str:
 
 
 def _executorch_runtime() -> tuple[Any, Any]:
-    """(``executorch.runtime.Runtime``, ``portable_lib``), without importing the exporter.
+    """(``executorch.runtime.Runtime``, ``portable_lib``); in a bench child, without importing the exporter.
 
     The bindings import one small module of ``executorch.exir`` (a warning class), and that package's
-    ``__init__`` imports the whole exporter (torch._dynamo, inductor): seconds in every child. The package is
-    entered without running its ``__init__``, so that the module loads alone; should a later executorch need
-    more of it at import, the plain import runs instead.
+    ``__init__`` imports the whole exporter (torch._dynamo, inductor): seconds in every child. A child enters the
+    package without running its ``__init__``, so that the module loads alone, and takes the bare entry out again
+    (a later ``import executorch.exir`` runs the real one); should a later executorch need more of the package
+    at import, the plain import runs instead. Elsewhere (``--in-process``) the plain import runs.
     """
     import importlib.util
 
-    bare = "executorch.exir" not in sys.modules
-    if bare:
-        sys.modules["executorch.exir"] = importlib.util.module_from_spec(
-            importlib.util.find_spec("executorch.exir")
-        )
+    bare = None
+    if os.environ.get(BENCH_CHILD_ENV) == "1" and "executorch.exir" not in sys.modules:
+        bare = importlib.util.module_from_spec(importlib.util.find_spec("executorch.exir"))
+        sys.modules["executorch.exir"] = bare
     try:
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
     except (ImportError, AttributeError):
-        if not bare:
+        if bare is None:
             raise
         for name in [m for m in sys.modules if m == "executorch.exir" or m.startswith("executorch.exir.")]:
             del sys.modules[name]
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
+    finally:
+        if bare is not None and sys.modules.get("executorch.exir") is bare:
+            del sys.modules["executorch.exir"]
     return Runtime, portable_lib
 
 
@@ -233,7 +236,9 @@ def _delegates(path: str) -> list[str]:
         if buf[4:6] != b"ET":  # the file identifier, ET<version>
             return []
         root = Table(buf, encode.Get(packer.uoffset, buf, 0))
-        ids = {d.String(d.Pos + o).decode() for p in tables(root, 1) for d in tables(p, 7) if (o := d.Offset(4))}
+        ids = {
+            d.String(d.Pos + o).decode() for p in tables(root, 1) for d in tables(p, 7) if (o := d.Offset(4))
+        }
         return sorted(ids)
     except Exception:
         return []
