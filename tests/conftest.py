@@ -7,6 +7,7 @@
 """
 
 import os
+from collections import Counter
 
 import pytest
 
@@ -15,8 +16,6 @@ if _WORKERS > 1:  # before any test module imports torch, which reads it once
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])  # stable: a file's tests keep their order
