@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..text import text_mask
 from .moe import expert_bias_names
 from .profile import count_flops
-from .token_moe import TokenMoEMlp, TokenRouting
+from .token_moe import TokenMoEMlp, TokenMoEModel, TokenRouting
 from .vit import MODEL_SIZES, register_variant
 from .vmoe import moe_block_indices
 
@@ -140,7 +140,7 @@ def _block(
     return img, txt
 
 
-class ImageTextTransformer(nn.Module):
+class ImageTextTransformer(TokenMoEModel, nn.Module):
     """LIMoE (``num_experts`` > 0), a dense one-tower model (0), or a dense two-tower CLIP (``two_tower``).
 
     Args:
@@ -267,26 +267,6 @@ class ImageTextTransformer(nn.Module):
     @property
     def moe_routing(self) -> str | None:
         return "token" if self.moe_indices else None
-
-    @torch.jit.ignore
-    def moe_mlps(self) -> list[LIMoEMlp]:
-        """The MoE layers, in block order."""
-        return [self.blocks[i].mlp for i in self.moe_indices]
-
-    @torch.jit.ignore
-    def set_routing(
-        self,
-        capacity_ratio: float | None = None,
-        bpr: bool | None = None,
-        top_k: int | None = None,
-        group_size: int | None = None,
-    ) -> None:
-        """Inference-time capacity ratio, BPR, K and images per routing group for every MoE block (no
-        retraining)."""
-        for mlp in self.moe_mlps():
-            mlp.set_routing(capacity_ratio, bpr, top_k, group_size)
-        if top_k is not None and self.is_moe:
-            self.top_k = int(top_k)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -355,6 +355,32 @@ class TokenMoEMlp(nn.Module):
         )
 
 
+class TokenMoEModel:
+    """The model-level routing API of a model whose blocks ``moe_indices`` hold ``TokenMoEMlp`` layers
+    (``TokenVMoE``, LIMoE): a mixin, listed before the ``nn.Module`` base, which sets ``blocks``,
+    ``moe_indices`` and ``top_k`` (no class annotations here: TorchScript would read them as attribute types)."""
+
+    @torch.jit.ignore
+    def moe_mlps(self) -> list[TokenMoEMlp]:
+        """The MoE layers, in block order."""
+        return [self.blocks[i].mlp for i in self.moe_indices]
+
+    @torch.jit.ignore
+    def set_routing(
+        self,
+        capacity_ratio: float | None = None,
+        bpr: bool | None = None,
+        top_k: int | None = None,
+        group_size: int | None = None,
+    ) -> None:
+        """Inference-time capacity ratio, BPR, K and images per routing group for every MoE block (no
+        retraining)."""
+        for mlp in self.moe_mlps():
+            mlp.set_routing(capacity_ratio, bpr, top_k, group_size)
+        if top_k is not None and self.moe_indices:  # a dense image-text model keeps K = 0
+            self.top_k = int(top_k)
+
+
 def routing_stats(
     routing: TokenRouting, num_experts: int, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from .moe import expert_bias_names
-from .token_moe import TokenMoEMlp, TokenRouting, expert_capacity
+from .token_moe import TokenMoEMlp, TokenMoEModel, TokenRouting, expert_capacity
 from .vit import MODEL_SIZES, RESOLUTIONS, SMALL_IMAGE_SIZES, _cfg, base_args, build_variant, register_variant
 
 __all__ = ["TokenVMoE", "TOKEN_VARIANTS", "moe_block_indices"]
@@ -38,7 +38,7 @@ def moe_block_indices(depth: int, num_moe_layers: int, placement: str) -> list[i
     return [i for i in range(depth) if (depth - 1 - i) % num_moe_layers == 0]
 
 
-class TokenVMoE(VisionTransformer):
+class TokenVMoE(TokenMoEModel, VisionTransformer):
     """Pre-norm ViT with per-token sparse MoE blocks (V-MoE).
 
     Args (beyond timm's VisionTransformer):
@@ -108,28 +108,8 @@ class TokenVMoE(VisionTransformer):
         return expert_capacity(group_size * T, self.top_k, capacity_ratio, self.num_experts)
 
     @torch.jit.ignore
-    def moe_mlps(self) -> list[TokenMoEMlp]:
-        """The MoE layers, in block order."""
-        return [self.blocks[i].mlp for i in self.moe_indices]
-
-    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return set(super().no_weight_decay()) | expert_bias_names(self)
-
-    @torch.jit.ignore
-    def set_routing(
-        self,
-        capacity_ratio: float | None = None,
-        bpr: bool | None = None,
-        top_k: int | None = None,
-        group_size: int | None = None,
-    ) -> None:
-        """Inference-time capacity ratio, BPR, K and images per routing group for every MoE block (no
-        retraining)."""
-        for mlp in self.moe_mlps():
-            mlp.set_routing(capacity_ratio, bpr, top_k, group_size)
-        if top_k is not None:
-            self.top_k = int(top_k)
 
     @torch.jit.ignore
     def forward_with_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, list[TokenRouting]]:
