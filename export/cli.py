@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from mobile_vmoe.common import UserError
+from mobile_vmoe.models.token_moe import PRIORITY_FLAGS
 
 from .core import DEFAULT_NUM_CALIBRATE, DEFAULT_NUM_VERIFY, FORMATS, export_model
 from .image_text import PARTS
@@ -117,9 +118,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--priority",
-        choices=["bpr", "vanilla"],
+        choices=list(PRIORITY_FLAGS),
         default=None,
-        help="per-token V-MoE: Batch Priority Routing or tokens in order (default: the model's, BPR)",
+        help="per-token V-MoE: Batch Priority Routing, tokens in order, or BPR with the class token first "
+        "(ours) (default: the model's, BPR)",
     )
     p.add_argument(
         "--expert-dispatch",

@@ -25,6 +25,7 @@ from torch import nn
 from mobile_vmoe.checkpoint import ModelMeta, create_model, load_model, resolve_model_file
 from mobile_vmoe.common import UserError, atomic_path
 from mobile_vmoe.files.sidecar import Sidecar, artifact_digest, sidecar_path, write_sidecar
+from mobile_vmoe.models.token_moe import PRIORITY_FLAGS
 from mobile_vmoe.preprocess import Preprocess
 
 from . import coreml, pte
@@ -83,7 +84,7 @@ class Request:
     capacity_ratio: float | None = (
         None  # per-token V-MoE: inference capacity of the export (None: the model's)
     )
-    priority: str | None = None  # per-token V-MoE: "bpr" | "vanilla" (None: the model's)
+    priority: str | None = None  # per-token V-MoE: a key of PRIORITY_FLAGS (None: the model's)
     part: str | None = None  # image-text: "image" (zero-shot classifier, default) | "text" (text encoder)
 
     def check(self) -> None:
@@ -111,8 +112,8 @@ class Request:
             raise UserError("--palettize-bits and --quantize int8 are two weight compressions: pick one")
         if self.capacity_ratio is not None and not self.capacity_ratio > 0:
             raise UserError(f"--capacity-ratio must be > 0, got {self.capacity_ratio}")
-        if self.priority not in (None, "bpr", "vanilla"):
-            raise UserError(f"--priority {self.priority!r}: expected bpr or vanilla")
+        if self.priority not in (None, *PRIORITY_FLAGS):
+            raise UserError(f"--priority {self.priority!r}: expected one of {', '.join(PRIORITY_FLAGS)}")
         if self.expert_dispatch not in (None, "switch", "gather"):
             raise UserError(f"--expert-dispatch {self.expert_dispatch!r}: expected switch or gather")
         if self.expert_dispatch == "switch" and fmt == "coreml":
@@ -218,9 +219,10 @@ def export_model(
         net, meta, random_weights = _load_source(checkpoint, model, model_kwargs, seed)
         net = export_part(net, meta, req.part, random_weights, checkpoint or f"--model {model}")
         if is_token_moe(net):
-            net = token_for_export(
-                net, req.capacity_ratio, None if req.priority is None else req.priority == "bpr"
-            )
+            try:
+                net = token_for_export(net, req.capacity_ratio, req.priority)
+            except ValueError as e:  # bpr_cls of a model without a class token
+                raise UserError(f"--priority {req.priority}: {e}") from None
         elif req.capacity_ratio is not None or req.priority is not None:
             raise UserError(
                 "--capacity-ratio and --priority apply to per-token V-MoE models (mobile_vmoe_token_*)"

@@ -291,7 +291,8 @@ def _dense_twin_matmuls(model_name: str, kwargs: dict) -> int:
 
     if model_name.startswith("mobile_vmoe_token_"):  # the per-token family has no dense form: the same ViT
         moe_only = {"num_experts", "top_k", "num_moe_layers", "moe_placement", "capacity_ratio",
-                    "eval_capacity_ratio", "bpr", "eval_bpr", "noise_std", "group_size", "eval_group_size"}  # fmt: skip
+                    "eval_capacity_ratio", "bpr", "eval_bpr", "cls_first", "eval_cls_first", "noise_std", "group_size",
+                    "eval_group_size"}  # fmt: skip
         twin_name = model_name.replace("mobile_vmoe_token_", "mobile_vit_")
         twin = timm.create_model(twin_name, **{k: v for k, v in kwargs.items() if k not in moe_only}).eval()
     else:

@@ -97,8 +97,10 @@ class ImageTextPart(nn.Module):
     def moe_mlps(self) -> list[nn.Module]:
         return self.model.moe_mlps()
 
-    def set_routing(self, capacity_ratio: float | None = None, bpr: bool | None = None) -> None:
-        self.model.set_routing(capacity_ratio=capacity_ratio, bpr=bpr)
+    def set_routing(
+        self, capacity_ratio: float | None = None, bpr: bool | None = None, cls_first: bool | None = None
+    ) -> None:
+        self.model.set_routing(capacity_ratio=capacity_ratio, bpr=bpr, cls_first=cls_first)
 
 
 class ZeroShotClassifier(ImageTextPart):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobile_vmoe.models.token_moe import TokenExpertMlp, TokenRouting
+from mobile_vmoe.models.token_moe import PRIORITY_FLAGS, TokenExpertMlp, TokenRouting, priority_name
 
 __all__ = ["LinearTokenExperts", "buffer_rows", "for_export", "is_token_moe", "token_routing_info"]
 
@@ -86,10 +86,14 @@ def is_token_moe(model: nn.Module) -> bool:
     return getattr(model, "moe_routing", None) == "token"
 
 
-def for_export(model: nn.Module, capacity_ratio: float | None = None, bpr: bool | None = None) -> nn.Module:
-    """A copy of a per-token V-MoE in eval mode with its inference routing set and per-expert linears."""
+def for_export(
+    model: nn.Module, capacity_ratio: float | None = None, priority: str | None = None
+) -> nn.Module:
+    """A copy of a per-token V-MoE in eval mode with its inference routing (``PRIORITY_FLAGS``) set and
+    per-expert linears."""
     m = copy.deepcopy(model).eval()
-    m.set_routing(capacity_ratio=capacity_ratio, bpr=bpr)
+    bpr, cls_first = (None, None) if priority is None else PRIORITY_FLAGS[priority]
+    m.set_routing(capacity_ratio=capacity_ratio, bpr=bpr, cls_first=cls_first)
     for mlp in m.moe_mlps():
         mlp.experts = LinearTokenExperts(mlp.experts)
     return m
@@ -104,7 +108,7 @@ def token_routing_info(model: nn.Module) -> dict[str, Any]:
         "L": int(model.num_moe_layers),
         "kind": "token",
         "capacity_ratio": float(mlp.eval_capacity_ratio),
-        "priority": "bpr" if mlp.eval_bpr else "vanilla",
+        "priority": priority_name(mlp.eval_bpr, mlp.eval_cls_first),
         "group_size": int(mlp.eval_group_size),  # images routed together at inference
         "moe_blocks": list(model.moe_indices),
     }

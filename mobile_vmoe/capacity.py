@@ -1,5 +1,5 @@
-"""Inference routing of a per-token V-MoE: capacity ratio, priority (BPR or vanilla), K and the images routed
-together, changed without retraining, and the accuracy vs capacity curve
+"""Inference routing of a per-token V-MoE: capacity ratio, priority (BPR, vanilla, BPR with the class token
+first), K and the images routed together, changed without retraining, and the accuracy vs capacity curve
 (``mobile-vmoe eval --capacity-ratio 1 0.5 0.25 --group-size 1 8 --json C.json``)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from .common import UserError, atomic_path
 from .files.capacity_curve import PRIORITIES, CapacityCurve, CurvePoint, plot_rows, write_capacity_curve
+from .models.token_moe import PRIORITY_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class InferenceRouting(NamedTuple):
     """A per-token V-MoE's inference routing; None keeps the model's own value."""
 
     capacity_ratio: float | None = None
-    bpr: bool | None = None
+    priority: str | None = None  # one of PRIORITIES
     top_k: int | None = None
     group_size: int | None = None  # images whose tokens are routed together (eval_group_size)
 
@@ -41,8 +42,12 @@ def apply_routing(model: torch.nn.Module, routing: InferenceRouting, where: Path
                 f"(mobile_vmoe_token_*), not to {type(model).__name__}"
             )
         return
+    ratio, priority, top_k, group = routing
+    if priority is not None and priority not in PRIORITY_FLAGS:
+        raise UserError(f"{where}: --priority must be one of {PRIORITIES}, got {priority!r}")
+    bpr, cls_first = (None, None) if priority is None else PRIORITY_FLAGS[priority]
     try:
-        model.set_routing(*routing)
+        model.set_routing(ratio, bpr, top_k, group, cls_first)
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -50,17 +55,17 @@ def apply_routing(model: torch.nn.Module, routing: InferenceRouting, where: Path
 def capacity_curve(
     checkpoint: str | os.PathLike[str],
     capacity_ratios: list[float],
-    priorities: Sequence[str] = PRIORITIES,
+    priorities: Sequence[str] | None = None,
     top_k: int | None = None,
     json_out: str | os.PathLike[str] | None = None,
     group_sizes: Sequence[int] = (1,),
     **data: Any,
 ) -> CapacityCurve:
-    """Top-1 of a per-token V-MoE at each inference capacity ratio and priority (BPR, vanilla), for each number
-    of images routed together, on one set of images loaded once; writes the curve (JSON) and its plot (PNG
-    beside it) to ``json_out``."""
-    bad = [p for p in priorities if p not in PRIORITIES]
-    if bad or not priorities:
+    """Top-1 of a per-token V-MoE at each inference capacity ratio and priority (``PRIORITIES``; None: each
+    that applies to the model), for each number of images routed together, on one set of images loaded once;
+    writes the curve (JSON) and its plot (PNG beside it) to ``json_out``."""
+    bad = [p for p in priorities or () if p not in PRIORITIES]
+    if bad or (priorities is not None and not priorities):
         raise UserError(f"--priority must be among {PRIORITIES}, got {priorities}")
     if not capacity_ratios or any(not r > 0 for r in capacity_ratios):
         raise UserError(f"--capacity-ratio needs values > 0, got {capacity_ratios}")
@@ -73,11 +78,14 @@ def capacity_curve(
     from .evaluate import prepare_evaluation, run_counts, summarize_counts
 
     ev = prepare_evaluation(checkpoint, routing=InferenceRouting(top_k=top_k), **data)
+    if priorities is None:  # bpr_cls needs a class token
+        has_cls = all(mlp.prefix_tokens for mlp in ev.model.moe_mlps())
+        priorities = [p for p in PRIORITIES if has_cls or not PRIORITY_FLAGS[p][1]]
     curve = CapacityCurve(ev.meta.model, str(ev.ckpt), int(top_k or ev.model.top_k), ev.images.source)
     for group in group_sizes:
         for priority in priorities:
             for ratio in capacity_ratios:
-                apply_routing(ev.model, InferenceRouting(ratio, priority == "bpr", top_k, group), ev.ckpt)
+                apply_routing(ev.model, InferenceRouting(ratio, priority, top_k, group), ev.ckpt)
                 s = summarize_counts(run_counts(ev))
                 P = ev.model.expert_capacity(ratio, group)
                 curve.points.append(

@@ -28,7 +28,7 @@ from .files.capacity_curve import PRIORITIES
 from .files.file_list import Sample, read_file_list
 from .files.superclass_map import read_superclass_map
 from .models.moe import Routing
-from .models.token_moe import TokenRouting
+from .models.token_moe import TokenRouting, priority_name
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,7 @@ def evaluate(
     if getattr(model, "moe_routing", None) == "token":
         mlp = model.moe_mlps()[0]
         result.update(routing="token", capacity_ratio=mlp.eval_capacity_ratio, bpr=mlp.eval_bpr,
+                      priority=priority_name(mlp.eval_bpr, mlp.eval_cls_first),
                       group_size=mlp.eval_group_size)  # fmt: skip
     if json_out is not None:  # relocatable: paths inside the moving directory relative (common.store_paths)
         write_json_atomic(
@@ -341,7 +342,7 @@ def _format(r: dict[str, Any]) -> str:
     ]
     if r.get("routing") == "token":
         lines.append(
-            f"per-token routing: capacity ratio {r['capacity_ratio']:g}, BPR {'on' if r['bpr'] else 'off'}, K={r['top_k']}, "
+            f"per-token routing: capacity ratio {r['capacity_ratio']:g}, priority {r['priority']}, K={r['top_k']}, "
             f"{r['group_size']} image(s) per routing group"
         )
         for i, (d, load) in enumerate(zip(r["dropped_fraction"], r["expert_load"])):
@@ -368,7 +369,7 @@ def _cli(args: argparse.Namespace) -> int:
             raise UserError(
                 "a capacity sweep (several --capacity-ratio, --priority or --group-size values) needs --json OUT"
             )
-        curve = capacity_curve(args.checkpoint, ratios or [1.0], priorities or list(PRIORITIES), args.top_k,
+        curve = capacity_curve(args.checkpoint, ratios or [1.0], priorities or None, args.top_k,
                                args.json, groups or [1], **data)  # fmt: skip
         for p in curve.points:
             print(f"{p.group_size:3d} image(s)/group  {p.priority:8s} capacity {p.capacity_ratio:<6g} "
@@ -377,7 +378,7 @@ def _cli(args: argparse.Namespace) -> int:
         return 0
     routing = InferenceRouting(
         ratios[0] if ratios else None,
-        (priorities[0] == "bpr") if priorities else None,
+        priorities[0] if priorities else None,
         args.top_k,
         groups[0] if groups else None,
     )
@@ -425,7 +426,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--capacity-ratio", type=float, nargs="+", default=None,
                    help="expert buffer size; several values: the accuracy vs capacity curve (JSON + PNG at --json)")  # fmt: skip
     g.add_argument("--priority", choices=PRIORITIES, nargs="+", default=None,
-                   help="bpr: Batch Priority Routing; vanilla: tokens in order (default for a sweep: both)")  # fmt: skip
+                   help="bpr: Batch Priority Routing; vanilla: tokens in order; bpr_cls: BPR with each image's class "
+                   "token first (ours); default for a sweep: each that applies")  # fmt: skip
     g.add_argument("--top-k", type=int, default=None, help="K experts per token")
     g.add_argument("--group-size", type=int, nargs="+", default=None,
                    help="images whose tokens are routed together (default: the model's, 1 = each image alone as "

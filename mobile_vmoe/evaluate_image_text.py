@@ -349,7 +349,7 @@ def image_text_cli(args: argparse.Namespace) -> int:
     if len(ratios) > 1 or len(priorities) > 1:
         raise UserError("a capacity sweep applies to classifiers; give one --capacity-ratio / --priority")
     routing = InferenceRouting(
-        ratios[0] if ratios else None, (priorities[0] == "bpr") if priorities else None, args.top_k
+        ratios[0] if ratios else None, priorities[0] if priorities else None, args.top_k
     )
     columns = CaptionColumns(args.csv_img_key, args.csv_caption_key, args.csv_label_key)
     ev = evaluate_image_text(args.checkpoint, args.data, args.batch_size, args.json, args.num_workers,

@@ -285,7 +285,7 @@ def _token_routing_section(r: ReportRun, ev: dict[str, Any] | None) -> list[str]
             "|---:|---|" + "---:|" * len(ratios),
         ]
         for g in curve.group_sizes():
-            for pr in ("bpr", "vanilla"):
+            for pr in curve.priorities():
                 pts = [curve.point(pr, c, g) for c in ratios]
                 cells = [
                     pct(p.top1) + (f" (P={p.capacity})" if p.capacity else "") if p else "–" for p in pts

@@ -29,7 +29,7 @@ class ParetoPoint(NamedTuple):
     model: str  # dense | moe | vmoe
     artifact: str  # the .pte's file name under OUT/export/
     capacity_ratio: float | None  # a per-token model's inference capacity (its sidecar); None otherwise
-    priority: str | None  # a per-token model's priority: bpr | vanilla
+    priority: str | None  # a per-token model's priority (token_moe.PRIORITY_FLAGS)
     p50_ms: float
     top1: float
     on_front: bool = False

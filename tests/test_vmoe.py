@@ -21,12 +21,17 @@ from mobile_vmoe.models.vmoe import moe_block_indices
 TOKEN = "mobile_vmoe_token_nano_patch8_32"
 
 
-def _reference_slots(idx: torch.Tensor, gates: torch.Tensor, E: int, P: int, bpr: bool) -> torch.Tensor:
-    """V-MoE's placement written as loops: K-major, in token order or by descending top gate."""
+def _reference_slots(
+    idx: torch.Tensor, gates: torch.Tensor, E: int, P: int, bpr: bool, first: list[int] = ()
+) -> torch.Tensor:
+    """V-MoE's placement written as loops: K-major, in token order or by descending top gate (the tokens in
+    ``first`` ahead of the others)."""
     G, N, K = idx.shape
     out = torch.empty_like(idx)
     for g in range(G):
-        order = sorted(range(N), key=lambda i: -float(gates[g, i, 0])) if bpr else range(N)
+        order = (
+            sorted(range(N), key=lambda i, g=g: (i not in first, -float(gates[g, i, 0]))) if bpr else range(N)
+        )
         count = [0] * E
         for k in range(K):
             for i in order:
@@ -37,16 +42,20 @@ def _reference_slots(idx: torch.Tensor, gates: torch.Tensor, E: int, P: int, bpr
 
 
 @pytest.mark.parametrize("K", [1, 2])
-@pytest.mark.parametrize("bpr", [False, True])
+@pytest.mark.parametrize("priority", ["vanilla", "bpr", "bpr_cls"])
 @pytest.mark.parametrize("ratio", [0.25, 1.0, 2.0])
-def test_buffer_slots_match_reference(bpr, ratio, K):
+def test_buffer_slots_match_reference(priority, ratio, K):
     torch.manual_seed(1)
     G, N, E = 3, 17, 5
     gates, idx = torch.randn(G, N, E).softmax(-1).topk(K, dim=-1)
     P = expert_capacity(N, K, ratio, E)
     assert P == max(1, min(N, math.ceil(K * N * ratio / E)))
-    got = buffer_slots(idx, gates, E, P, bpr)
-    torch.testing.assert_close(got, _reference_slots(idx, gates, E, P, bpr))
+    bpr = priority != "vanilla"
+    first = [0, 9] if priority == "bpr_cls" else []  # two images of 9 and 8 tokens: their class tokens
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[first] = True
+    got = buffer_slots(idx, gates, E, P, bpr, first=mask if first else None)
+    torch.testing.assert_close(got, _reference_slots(idx, gates, E, P, bpr, first))
     for g in range(G):  # a slot of a group's buffers holds one token
         kept = got[g][got[g] < E * P]
         assert kept.unique().numel() == kept.numel()
@@ -62,6 +71,36 @@ def test_bpr_keeps_the_most_confident_tokens():
     bpr = buffer_slots(idx, gates, E, P, bpr=True)[0, :, 0]
     assert (vanilla < E * P).nonzero().flatten().tolist() == [0, 1]
     assert (bpr < E * P).nonzero().flatten().tolist() == [2, 4]
+    first = torch.tensor([True, False, False, False, True, False, False, False])  # 2 images: class tokens
+    cls = buffer_slots(idx, gates, E, P, bpr=True, first=first)[0, :, 0]
+    assert (cls < E * P).nonzero().flatten().tolist() == [0, 4]  # the class tokens, however low their gates
+
+
+def test_bpr_cls_keeps_every_class_token_where_there_is_room():
+    """Routed 8 images together at capacity 0.25 (P=4 slots per expert, E=2): plain BPR may drop an image's
+    class token, which the head reads; with priority bpr_cls none is dropped, and as many choices are kept."""
+    torch.manual_seed(0)
+    m = timm.create_model(TOKEN, num_classes=5, num_experts=2, depth=2, num_moe_layers=1).eval()
+    x = torch.randn(8, 3, 32, 32)
+    T = 17  # 16 patches and the class token
+    kept = {}
+    for cls_first in (False, True):
+        m.set_routing(capacity_ratio=0.25, bpr=True, group_size=8, cls_first=cls_first)
+        with torch.no_grad():
+            r = m.forward_with_routing(x)[1][0]
+        assert r.capacity == expert_capacity(8 * T, 1, 0.25, 2) == 17
+        dropped = r.slot[0, :, 0] == 2 * r.capacity
+        kept[cls_first] = int((~dropped).sum())
+        if cls_first:
+            assert not dropped[::T].any()
+    assert kept[True] == kept[False]
+    assert "cls_first=False/True" in repr(m.blocks[1].mlp)
+    # no class token: bpr_cls has nothing to put first
+    avg = timm.create_model(
+        TOKEN, num_classes=5, num_experts=2, depth=2, class_token=False, global_pool="avg"
+    )
+    with pytest.raises(ValueError, match="class token"):
+        avg.set_routing(cls_first=True)
 
 
 def test_experts_match_a_loop_over_tokens_and_drop_to_zero():
@@ -106,6 +145,14 @@ def test_router_losses():
 def test_placement_and_inference_routing():
     assert moe_block_indices(12, 2, "last") == [10, 11]
     assert moe_block_indices(12, 2, "every") == [1, 3, 5, 7, 9, 11]
+    assert moe_block_indices(12, 2, "vmoe_last") == [9, 11]  # V-MoE's "Last 2" of ViT-B
+    assert moe_block_indices(8, 2, "vmoe_last") == [5, 7] and moe_block_indices(6, 3, "vmoe_last") == [
+        1,
+        3,
+        5,
+    ]
+    with pytest.raises(ValueError, match="odd blocks"):
+        moe_block_indices(6, 4, "vmoe_last")
     with pytest.raises(ValueError, match="moe_placement"):
         moe_block_indices(12, 2, "first")
     m = timm.create_model(TOKEN, num_classes=5, num_experts=4, moe_placement="every", num_moe_layers=2).eval()
@@ -175,9 +222,14 @@ def test_eval_capacity_sweep_writes_curve_and_plot(token_run, tmp_path, capsys):
     assert main(args) == 0
     curve = read_capacity_curve(out)
     assert [(p.priority, p.capacity_ratio) for p in curve.points] == [
-        (pr, r) for pr in ("bpr", "vanilla") for r in (4.0, 0.5, 0.1)
-    ]
-    for pr in ("bpr", "vanilla"):  # fewer slots, more dropped choices; ratio 4: room for every token
+        (pr, r) for pr in ("bpr", "vanilla", "bpr_cls") for r in (4.0, 0.5, 0.1)
+    ]  # bpr_cls: the model has a class token
+    assert curve.priorities() == ["bpr", "vanilla", "bpr_cls"]
+    for pr in (
+        "bpr",
+        "vanilla",
+        "bpr_cls",
+    ):  # fewer slots, more dropped choices; ratio 4: room for every token
         drops = [p.dropped_fraction[0] for p in curve.points if p.priority == pr]
         # 5 tokens per image into E * P = 4 slots at 0.1: at least one of five is dropped
         assert drops[0] == 0.0 and drops[0] <= drops[1] <= drops[2] and drops[2] >= 0.2
@@ -187,7 +239,7 @@ def test_eval_capacity_sweep_writes_curve_and_plot(token_run, tmp_path, capsys):
         main(["eval", "--checkpoint", str(token_run), "--capacity-ratio", "0.1", "--priority", "vanilla"])
         == 0
     )
-    assert "capacity ratio 0.1, BPR off" in capsys.readouterr().out
+    assert "capacity ratio 0.1, priority vanilla" in capsys.readouterr().out
 
 
 def test_capacity_sweep_over_group_sizes_says_when_ratios_share_a_buffer(token_run, tmp_path, caplog, capsys):

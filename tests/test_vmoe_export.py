@@ -32,8 +32,13 @@ def test_export_form_is_the_same_maths():
     torch.manual_seed(0)
     m = timm.create_model(TOKEN, **KW).eval()
     x = torch.randn(3, 3, 32, 32)
-    for ratio, bpr in ((1.05, True), (0.25, False)):
-        m.set_routing(capacity_ratio=ratio, bpr=bpr)
+    # the last: 3 images routed together, their class tokens first
+    for ratio, bpr, cls_first, group in (
+        (1.05, True, False, 1),
+        (0.25, False, False, 1),
+        (0.25, True, True, 3),
+    ):
+        m.set_routing(capacity_ratio=ratio, bpr=bpr, cls_first=cls_first, group_size=group)
         with torch.no_grad():
             torch.testing.assert_close(for_export(m)(x), m(x), atol=1e-5, rtol=1e-5)
     names = int8_candidates(for_export(m))
@@ -62,15 +67,15 @@ def test_int8_pte_quantises_the_experts(tmp_path):
     assert (PteRunner(tmp_path / "m.pte")(xs) - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-@pytest.mark.parametrize("fmt", ["pte", "onnx"])
-def test_export_verifies_and_records_capacity(ckpt, tmp_path, fmt):
+@pytest.mark.parametrize("fmt, priority", [("pte", "vanilla"), ("onnx", "bpr_cls")])
+def test_export_verifies_and_records_capacity(ckpt, tmp_path, fmt, priority):
     out = tmp_path / f"m.{fmt}"
     export_model(
-        fmt, out, checkpoint=ckpt, capacity_ratio=0.5, priority="vanilla", num_verify=12, verbose=False
+        fmt, out, checkpoint=ckpt, capacity_ratio=0.5, priority=priority, num_verify=12, verbose=False
     )
     sc = read_sidecar(tmp_path / f"m.{fmt}.json")
     assert sc.routing["kind"] == "token" and sc.routing["capacity_ratio"] == 0.5
-    assert sc.routing["priority"] == "vanilla" and sc.routing["E"] == 4 and sc.routing["L"] == 2
+    assert sc.routing["priority"] == priority and sc.routing["E"] == 4 and sc.routing["L"] == 2
     p = sc.details["parity"]
     assert p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0 and sc.expert_dispatch is None
     if fmt == "pte":  # every expert linear runs in XNNPACK; routing and buffers on the portable kernels

@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common import UserError, load_paths, read_json, store_paths, write_json_atomic
+from ..models.token_moe import PRIORITY_FLAGS
 
 __all__ = ["CapacityCurve", "CurvePoint", "PRIORITIES", "read_capacity_curve", "write_capacity_curve"]
 
-PRIORITIES = ("bpr", "vanilla")  # Batch Priority Routing, or tokens in their order
+PRIORITIES = tuple(
+    PRIORITY_FLAGS
+)  # Batch Priority Routing, tokens in their order, BPR with class tokens first
 
 
 @dataclass
@@ -53,6 +56,10 @@ class CapacityCurve:
     def top1(self, priority: str, capacity_ratio: float, group_size: int = 1) -> float | None:
         p = self.point(priority, capacity_ratio, group_size)
         return None if p is None else p.top1
+
+    def priorities(self) -> list[str]:
+        """The priorities swept, in ``PRIORITIES`` order."""
+        return [pr for pr in PRIORITIES if any(p.priority == pr for p in self.points)]
 
     def group_sizes(self) -> list[int]:
         return sorted({p.group_size for p in self.points})

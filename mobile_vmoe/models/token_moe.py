@@ -6,7 +6,9 @@ Every token picks its top K of E experts with a noisy softmax router. Tokens are
 of a few images), and each expert has a fixed buffer of P = ceil(K * N * capacity_ratio / E) slots per group:
 a choice past a full buffer is dropped, and the token passes through the block's residual only. All first
 choices are placed before any second choice; Batch Priority Routing (BPR) also orders the tokens by their top
-gate, so that an important token is never dropped for an unimportant one.
+gate, so that an important token is never dropped for an unimportant one. ``bpr_cls`` (ours, not V-MoE's) also
+puts each image's class token ahead of every patch: a classifier reads only that token, and plain BPR drops it
+at low capacity like any other.
 
 Static shapes throughout: tokens are scattered into [E, P, D] buffers and gathered back, with no data-dependent
 Python control flow, so torch.export keeps the whole block.
@@ -22,6 +24,18 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from .moe import ExpertMlp
+
+# Inference priority -> (BPR, class token first): the names of ``mobile-vmoe eval/export --priority``.
+PRIORITY_FLAGS: dict[str, tuple[bool, bool]] = {
+    "bpr": (True, False),  # Batch Priority Routing: by descending top gate
+    "vanilla": (False, False),  # tokens in their order
+    "bpr_cls": (True, True),  # BPR with each image's class (prefix) tokens first
+}
+
+
+def priority_name(bpr: bool, cls_first: bool) -> str:
+    """The priority of ``PRIORITY_FLAGS`` that BPR on/off and class-token-first make (vanilla ignores the latter)."""
+    return ("bpr_cls" if cls_first else "bpr") if bpr else "vanilla"
 
 
 class TokenRouting(NamedTuple):
@@ -55,13 +69,15 @@ def buffer_slots(
     capacity: int,
     bpr: bool,
     mask: torch.Tensor | None = None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Place every choice in its expert's buffer: expert_idx, gates [G, N, K] -> slot [G, N, K].
 
     Choices are ranked K-major (all first choices, then all second choices); within a rank, in token order, or
-    with ``bpr`` by descending top gate. A choice's position is the count of earlier choices of its expert;
-    positions >= ``capacity`` are dropped (slot E * P). Tokens outside ``mask`` ([G, N], True = routed; text
-    padding) take no slot and are not counted.
+    with ``bpr`` by descending top gate, the tokens in ``first`` ([N] bool: the class tokens) ahead of all
+    others. A choice's position is the count of earlier choices of its expert; positions >= ``capacity`` are
+    dropped (slot E * P). Tokens outside ``mask`` ([G, N], True = routed; text padding) take no slot and are not
+    counted.
     """
     G, N, K = expert_idx.shape
     E, P = num_experts, capacity
@@ -70,8 +86,11 @@ def buffer_slots(
     idx = expert_idx.reshape(G, N) if K == 1 else expert_idx.transpose(1, 2).reshape(G, K * N)  # K-major
     rank: torch.Tensor | None = None  # [G, K * N]: the choice each ranked position holds (None: token order)
     if bpr:
-        # [G, N], most confident first; topk, not argsort: ExecuTorch's portable kernels have no sort
-        order = gates[..., 0].topk(N, dim=1).indices
+        priority = gates[..., 0]  # [G, N]
+        if first is not None:  # gates are <= 1: + 2 ranks these ahead, in gate order among themselves
+            priority = priority + 2.0 * first.to(priority.dtype)
+        # most confident first; topk, not argsort: ExecuTorch's portable kernels have no sort
+        order = priority.topk(N, dim=1).indices
         rank = order if K == 1 else (order.unsqueeze(1) + N * torch.arange(K, device=idx.device)[:, None])
         rank = rank.reshape(G, K * N)
         idx = idx.gather(1, rank)
@@ -117,14 +136,20 @@ class TokenRouter(nn.Module):
         self.proj = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
 
     def forward(
-        self, x: torch.Tensor, capacity: int, bpr: bool, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        capacity: int,
+        bpr: bool,
+        mask: torch.Tensor | None = None,
+        first: torch.Tensor | None = None,
     ) -> TokenRouting:
         """x: [G, N, D] -> the routing of its G * N tokens into [E, capacity] buffers.
 
-        ``mask`` [G, N] (True = routed): the other tokens take no buffer slot and count in no loss.
+        ``mask`` [G, N] (True = routed): the other tokens take no buffer slot and count in no loss. ``first``
+        [N]: tokens BPR ranks ahead of the others (``buffer_slots``).
         """
         logits, noisy = self.scores(x)
-        return self.route(logits, noisy, capacity, bpr, mask, x.dtype)
+        return self.route(logits, noisy, capacity, bpr, mask, x.dtype, first)
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [G, N, D] -> (logits, logits plus the training noise), both [G, N, E] in float32."""
@@ -141,12 +166,13 @@ class TokenRouter(nn.Module):
         bpr: bool,
         mask: torch.Tensor | None,
         dtype: torch.dtype,
+        first: torch.Tensor | None = None,
     ) -> TokenRouting:
         """The routing from ``scores``: top-K of the noisy softmax, buffer slots, balance losses; gates in ``dtype``."""
         probs = noisy.softmax(dim=-1)
         # [G, N, K]; max for one choice: exported, a portable topk over E costs more than a max
         gates, idx = probs.max(dim=-1, keepdim=True) if self.top_k == 1 else probs.topk(self.top_k, dim=-1)
-        slot = buffer_slots(idx, gates, self.num_experts, capacity, bpr, mask)
+        slot = buffer_slots(idx, gates, self.num_experts, capacity, bpr, mask, first)
         importance, load = self.balance_losses(logits, noisy, mask)
         return TokenRouting(logits, probs, idx, gates.to(dtype), slot, importance, load, capacity)
 
@@ -247,6 +273,9 @@ class TokenMoEMlp(nn.Module):
         noise_std: float = 1.0,
         group_size: int = 8,
         eval_group_size: int = 1,
+        prefix_tokens: int = 0,
+        cls_first: bool = False,
+        eval_cls_first: bool = False,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
         device: torch.device | str | None = None,
@@ -274,6 +303,12 @@ class TokenMoEMlp(nn.Module):
         self.eval_capacity_ratio = eval_capacity_ratio
         self.bpr = bpr
         self.eval_bpr = eval_bpr
+        # the leading tokens of each image (a ViT's class token) that BPR ranks first with cls_first
+        self.prefix_tokens = prefix_tokens
+        if (cls_first or eval_cls_first) and not prefix_tokens:
+            raise ValueError("cls_first needs a class token (prefix_tokens >= 1)")
+        self.cls_first = cls_first
+        self.eval_cls_first = eval_cls_first
 
     @classmethod
     def from_block_mlp(cls, mlp: nn.Module, num_experts: int, **kwargs: Any) -> "TokenMoEMlp":
@@ -296,8 +331,12 @@ class TokenMoEMlp(nn.Module):
         bpr: bool | None = None,
         top_k: int | None = None,
         group_size: int | None = None,
+        cls_first: bool | None = None,
     ) -> None:
-        """Inference-time routing: capacity ratio, BPR on/off, K, images routed together (no retraining)."""
+        """Inference-time routing: capacity ratio, BPR on/off, K, images routed together, class token first
+        under BPR (no retraining)."""
+        if cls_first and not self.prefix_tokens:
+            raise ValueError("priority bpr_cls (cls_first) needs a model with a class token")
         if group_size is not None:
             if group_size < 1:
                 raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -308,6 +347,8 @@ class TokenMoEMlp(nn.Module):
             self.eval_capacity_ratio = float(capacity_ratio)
         if bpr is not None:
             self.eval_bpr = bool(bpr)
+        if cls_first is not None:
+            self.eval_cls_first = bool(cls_first)
         if top_k is not None:
             if not 1 <= top_k <= self.num_experts:
                 raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
@@ -321,7 +362,7 @@ class TokenMoEMlp(nn.Module):
         """
         B, T, D = x.shape
         y, mask, capacity, bpr = self.grouped(x, token_mask)
-        routing = self.router(y, capacity, bpr, mask)
+        routing = self.router(y, capacity, bpr, mask, self.first_tokens(y.shape[1], T) if bpr else None)
         self._keep(routing)
         return self.experts(y, routing).reshape(B, T, D)
 
@@ -341,6 +382,13 @@ class TokenMoEMlp(nn.Module):
         capacity = expert_capacity(g * T, self.router.top_k, ratio, self.num_experts)
         return x.reshape(B // g, g * T, D), mask, capacity, bpr
 
+    def first_tokens(self, N: int, T: int) -> torch.Tensor | None:
+        """[N] bool, the class tokens of a group of N tokens (images of T tokens) when the current mode ranks them
+        first under BPR; else None."""
+        if not (self.cls_first if self.training else self.eval_cls_first):
+            return None
+        return torch.arange(N, device=self.router.proj.weight.device) % T < self.prefix_tokens
+
     __jit_unused_properties__ = ["last_routing"]
 
     @property
@@ -351,7 +399,7 @@ class TokenMoEMlp(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"group_size={self.group_size}/{self.eval_group_size}, capacity_ratio={self.capacity_ratio}/{self.eval_capacity_ratio} "
-            f"(train/eval), bpr={self.bpr}/{self.eval_bpr}"
+            f"(train/eval), bpr={self.bpr}/{self.eval_bpr}, cls_first={self.cls_first}/{self.eval_cls_first}"
         )
 
 
@@ -372,11 +420,12 @@ class TokenMoEModel:
         bpr: bool | None = None,
         top_k: int | None = None,
         group_size: int | None = None,
+        cls_first: bool | None = None,
     ) -> None:
-        """Inference-time capacity ratio, BPR, K and images per routing group for every MoE block (no
-        retraining)."""
+        """Inference-time capacity ratio, BPR, K, images per routing group and class token first under BPR for
+        every MoE block (no retraining)."""
         for mlp in self.moe_mlps():
-            mlp.set_routing(capacity_ratio, bpr, top_k, group_size)
+            mlp.set_routing(capacity_ratio, bpr, top_k, group_size, cls_first)
         if top_k is not None and self.moe_indices:  # a dense image-text model keeps K = 0
             self.top_k = int(top_k)
 

@@ -1,12 +1,14 @@
 """V-MoE ViTs (per-token routing), registered with timm next to the dense and per-image families.
 
-``TokenVMoE`` is a timm ``VisionTransformer`` whose MoE blocks (the last n, or every n-th) route every token
+``TokenVMoE`` is a timm ``VisionTransformer`` whose MoE blocks (the last n, every n-th, or V-MoE's "Last n")
+route every token
 (``token_moe.TokenMoEMlp`` in a timm ``Block``'s MLP slot). Each MoE block carries its own router, so the blocks
 stay plain timm blocks in one ``nn.Sequential``, and timm's block-wise APIs (intermediates, grad checkpointing,
 layer groups, features) apply unchanged.
 
     model = timm.create_model("mobile_vmoe_token_tiny_patch16_224", num_experts=10, top_k=1, capacity_ratio=1.05)
     model.set_routing(capacity_ratio=0.5, bpr=True)  # inference capacity, without retraining
+    model.set_routing(bpr=True, cls_first=True)  # "bpr_cls": each image's class token ahead of its patches
 """
 
 from typing import Any
@@ -22,13 +24,22 @@ from .vit import MODEL_SIZES, RESOLUTIONS, SMALL_IMAGE_SIZES, _cfg, base_args, b
 
 __all__ = ["TokenVMoE", "TOKEN_VARIANTS", "moe_block_indices"]
 
-PLACEMENTS = ("last", "every")
+PLACEMENTS = ("last", "every", "vmoe_last")
 
 
 def moe_block_indices(depth: int, num_moe_layers: int, placement: str) -> list[int]:
-    """Which blocks are MoE: the last n ("last"), or every n-th counting back from the last ("every")."""
+    """Which blocks are MoE: the last n ("last", as in Mobile V-MoE), every n-th counting back from the last
+    ("every"), or V-MoE's "Last n" ("vmoe_last": the last n of the odd blocks 1, 3, 5, ..., so every other
+    block; ViT-B's "Last 2" is blocks 9 and 11)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"moe_placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement == "vmoe_last":
+        odd = list(range(1, depth, 2))
+        if not 1 <= num_moe_layers <= len(odd):
+            raise ValueError(
+                f"num_moe_layers must be in [1, {len(odd)}] (odd blocks of depth {depth}), got {num_moe_layers}"
+            )
+        return odd[-num_moe_layers:]
     if placement == "last":
         if not 1 <= num_moe_layers <= depth:
             raise ValueError(f"num_moe_layers must be in [1, depth={depth}], got {num_moe_layers}")
@@ -44,10 +55,12 @@ class TokenVMoE(TokenMoEModel, VisionTransformer):
     Args (beyond timm's VisionTransformer):
         num_experts: E experts per MoE block.
         top_k: K experts per token (V-MoE: 1 or 2).
-        num_moe_layers, moe_placement: the last n blocks ("last", V-MoE's "last 2"), or every n-th block
-            ("every", V-MoE's "every 2").
+        num_moe_layers, moe_placement: the last n blocks ("last"), every n-th block ("every", V-MoE's "Every
+            2"), or V-MoE's "Last n" ("vmoe_last": the last n of every other block).
         capacity_ratio / eval_capacity_ratio: buffer size in training / inference (V-MoE trains at 1.05).
         bpr / eval_bpr: Batch Priority Routing in training / inference (V-MoE: off / on).
+        cls_first / eval_cls_first: under BPR, each image's class token ahead of every patch ("bpr_cls"; ours,
+            not V-MoE's: the head reads only that token, which plain BPR drops at low capacity like any other).
         noise_std: router noise in training is noise_std / E (V-MoE: 1.0).
         group_size / eval_group_size: images whose tokens are routed together in training (V-MoE: 8) / at
             inference (1: each image on its own, as on a phone).
@@ -66,6 +79,8 @@ class TokenVMoE(TokenMoEModel, VisionTransformer):
         eval_capacity_ratio: float = 1.05,
         bpr: bool = False,
         eval_bpr: bool = True,
+        cls_first: bool = False,
+        eval_cls_first: bool = False,
         noise_std: float = 1.0,
         group_size: int = 8,
         eval_group_size: int = 1,
@@ -85,6 +100,9 @@ class TokenVMoE(TokenMoEModel, VisionTransformer):
                 eval_capacity_ratio=eval_capacity_ratio,
                 bpr=bpr,
                 eval_bpr=eval_bpr,
+                prefix_tokens=self.num_prefix_tokens,
+                cls_first=cls_first,
+                eval_cls_first=eval_cls_first,
                 noise_std=noise_std,
                 group_size=group_size,
                 eval_group_size=eval_group_size,
