@@ -11,8 +11,8 @@ the per-token model, the buffer slack of its capacity ratio). Prints top-1 mean 
 order: per-token >= per-image > dense) and, per priority and number of images routed together (1: a phone at
 batch 1; 8: V-MoE's evaluation), the loss of top-1 from full capacity (nothing dropped) at ratios 1.0, 0.5,
 0.25 and 0.1, with P, the buffer slots per expert (goal at 0.25, 8 images per group: BPR loses at most half of
-what vanilla loses; checked for V-MoE's BPR and for bpr_cls). At 32 px an image has 17 tokens, so alone every ratio <= 0.58 leaves P=1: that row measures
-one routing three times. Finished runs are reused.
+what vanilla loses; checked for V-MoE's BPR and for bpr_cls). At 32 px an image has 17 tokens, so alone every
+ratio <= 0.58 leaves P=1: that row measures one routing three times. Finished runs are reused.
 """
 
 from __future__ import annotations

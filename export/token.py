@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobile_vmoe.models.token_moe import PRIORITY_FLAGS, TokenExpertMlp, TokenRouting, priority_name
+from mobile_vmoe.models.token_moe import TokenExpertMlp, TokenRouting, priority_flags, priority_name
 
 __all__ = ["LinearTokenExperts", "buffer_rows", "for_export", "is_token_moe", "token_routing_info"]
 
@@ -92,7 +92,7 @@ def for_export(
     """A copy of a per-token V-MoE in eval mode with its inference routing (``PRIORITY_FLAGS``) set and
     per-expert linears."""
     m = copy.deepcopy(model).eval()
-    bpr, cls_first = (None, None) if priority is None else PRIORITY_FLAGS[priority]
+    bpr, cls_first = priority_flags(priority)
     m.set_routing(capacity_ratio=capacity_ratio, bpr=bpr, cls_first=cls_first)
     for mlp in m.moe_mlps():
         mlp.experts = LinearTokenExperts(mlp.experts)

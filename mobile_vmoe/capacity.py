@@ -14,7 +14,7 @@ import torch
 
 from .common import UserError, atomic_path
 from .files.capacity_curve import PRIORITIES, CapacityCurve, CurvePoint, plot_rows, write_capacity_curve
-from .models.token_moe import PRIORITY_FLAGS
+from .models.token_moe import PRIORITY_FLAGS, priority_flags
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def apply_routing(model: torch.nn.Module, routing: InferenceRouting, where: Path
     ratio, priority, top_k, group = routing
     if priority is not None and priority not in PRIORITY_FLAGS:
         raise UserError(f"{where}: --priority must be one of {PRIORITIES}, got {priority!r}")
-    bpr, cls_first = (None, None) if priority is None else PRIORITY_FLAGS[priority]
+    bpr, cls_first = priority_flags(priority)
     try:
         model.set_routing(ratio, bpr, top_k, group, cls_first)
     except ValueError as e:

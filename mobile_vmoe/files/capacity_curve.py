@@ -19,9 +19,8 @@ from ..models.token_moe import PRIORITY_FLAGS
 
 __all__ = ["CapacityCurve", "CurvePoint", "PRIORITIES", "read_capacity_curve", "write_capacity_curve"]
 
-PRIORITIES = tuple(
-    PRIORITY_FLAGS
-)  # Batch Priority Routing, tokens in their order, BPR with class tokens first
+# Batch Priority Routing, tokens in their order, BPR with the class tokens first
+PRIORITIES = tuple(PRIORITY_FLAGS)
 
 
 @dataclass

@@ -33,9 +33,14 @@ PRIORITY_FLAGS: dict[str, tuple[bool, bool]] = {
 }
 
 
+def priority_flags(priority: str | None) -> tuple[bool | None, bool | None]:
+    """``set_routing``'s (bpr, cls_first) for a priority name; (None, None) keeps the model's own."""
+    return (None, None) if priority is None else PRIORITY_FLAGS[priority]
+
+
 def priority_name(bpr: bool, cls_first: bool) -> str:
-    """The priority of ``PRIORITY_FLAGS`` that BPR on/off and class-token-first make (vanilla ignores the latter)."""
-    return ("bpr_cls" if cls_first else "bpr") if bpr else "vanilla"
+    """The name in ``PRIORITY_FLAGS`` of BPR on/off and class token first (vanilla ignores the latter)."""
+    return {flags: name for name, flags in PRIORITY_FLAGS.items()}[(bpr, bpr and cls_first)]
 
 
 class TokenRouting(NamedTuple):

@@ -1,10 +1,9 @@
 """V-MoE ViTs (per-token routing), registered with timm next to the dense and per-image families.
 
 ``TokenVMoE`` is a timm ``VisionTransformer`` whose MoE blocks (the last n, every n-th, or V-MoE's "Last n")
-route every token
-(``token_moe.TokenMoEMlp`` in a timm ``Block``'s MLP slot). Each MoE block carries its own router, so the blocks
-stay plain timm blocks in one ``nn.Sequential``, and timm's block-wise APIs (intermediates, grad checkpointing,
-layer groups, features) apply unchanged.
+route every token (``token_moe.TokenMoEMlp`` in a timm ``Block``'s MLP slot). Each MoE block carries its own
+router, so the blocks stay plain timm blocks in one ``nn.Sequential``, and timm's block-wise APIs
+(intermediates, grad checkpointing, layer groups, features) apply unchanged.
 
     model = timm.create_model("mobile_vmoe_token_tiny_patch16_224", num_experts=10, top_k=1, capacity_ratio=1.05)
     model.set_routing(capacity_ratio=0.5, bpr=True)  # inference capacity, without retraining
