@@ -49,18 +49,17 @@ from mobile_vmoe.text import SAMPLE_CAPTIONS, Tokenizer
 NUM_CLASSES = 1000  # ImageNet's zero-shot head
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    timing_args(ap, rounds=60, quick_rounds=10)
-    ap.add_argument("--no-text", action="store_true", help="skip the text encoders (c)")
-    args = ap.parse_args()
-    rounds = num_rounds(args)
-    size = "nano_patch8_32" if args.quick else "tiny_patch16_224"
-    names = {
-        "limoe": f"mobile_limoe_{size}",
-        "onetower": f"mobile_onetower_{size}",
-        "clip": f"mobile_clip_{size}",
-    }
+def size(quick: bool) -> str:
+    """The towers' size: ViT-Tiny 224, or nano 32 px for a smoke run."""
+    return "nano_patch8_32" if quick else "tiny_patch16_224"
+
+
+def export_models(
+    quick: bool, text: bool = True
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
+    """(zero-shot classifiers with the static forms of the MoE ones, the floors of ``_floor.py``; text encoders),
+    by key, in export form (``size``)."""
+    names = {key: f"mobile_{key}_{size(quick)}" for key in ("limoe", "onetower", "clip")}
     towers = {key: build(name) for key, name in names.items()}
     towers["limoe_2moe"] = build(names["limoe"], moe_every=6)  # blocks 5 and 11 of 12
     P = towers["limoe"].embed_dim
@@ -72,11 +71,20 @@ def main() -> None:
         return for_export(part) if part.is_moe else part.eval()
 
     images = {key: export_form(ZeroShotClassifier(m, class_embeds)) for key, m in towers.items()}
-    texts = {} if args.no_text else {k: export_form(TextEncoder(towers[k])) for k in ("limoe", "onetower")}
-    H, W = towers["limoe"].patch_embed.img_size
-    x = torch.randn(1, 3, H, W)
-    statics = {k + STATIC: static_form(images[k]) for k in ("limoe", "limoe_2moe")}  # floors (``_floor.py``)
-    L = towers["limoe"].context_length
+    images |= {k + STATIC: static_form(images[k]) for k in ("limoe", "limoe_2moe")}
+    texts = {k: export_form(TextEncoder(towers[k])) for k in ("limoe", "onetower")} if text else {}
+    return images, texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    timing_args(ap, rounds=60, quick_rounds=10)
+    ap.add_argument("--no-text", action="store_true", help="skip the text encoders (c)")
+    args = ap.parse_args()
+    rounds = num_rounds(args)
+    images, texts = export_models(args.quick, text=not args.no_text)
+    x = torch.randn(images["limoe"].input_shape)
+    L = images["limoe"].model.context_length
     tokens = Tokenizer(L)([SAMPLE_CAPTIONS[5]]).tokens  # the longest sample caption: the full context
 
     paths: dict[str, Path] = {}
@@ -89,18 +97,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="limoe-latency-") as tmp:
         for fmt in ("pte", "onnx"):
-            for key, m in (images | statics).items():
+            for key, m in images.items():  # the static forms too
                 lower(fmt, key, m, x, paths)
             for key, m in texts.items():
                 lower(fmt, f"{key}_text", m, tokens, text_paths)
         samples = time_runtimes(paths, x, rounds, args)
-        models = {k: p for k, p in paths.items() if k.split("/")[1] in images}
+        models = {k: p for k, p in paths.items() if not k.endswith(STATIC)}
         prof = profile_ptes(models, x, args) if args.profile else None
         if text_paths:
             samples.update(time_runtimes(text_paths, tokens, rounds, args))
 
     print_medians(
-        f"zero-shot classifiers ({NUM_CLASSES} classes) of {size}, batch 1, {rounds} rounds", samples
+        f"zero-shot classifiers ({NUM_CLASSES} classes) of {size(args.quick)}, batch 1, {rounds} rounds",
+        samples,
     )
     rows = []
     for rt in ("pte", "onnx"):

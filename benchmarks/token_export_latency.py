@@ -39,32 +39,40 @@ from _floor import STATIC, floor_medians, static_form
 from _profile import print_profiles, profile_ptes
 from mobile_vmoe.export.token import for_export
 
+TOKEN = {  # key -> (experts, inference capacity ratio)
+    "token_e10": (10, 1.0),
+    "token_e4": (4, 1.0),
+    "token_e16": (16, 1.0),
+    "token_e10_c05": (10, 0.5),
+}
+
+
+def names(quick: bool) -> tuple[str, str, str]:
+    """(dense, per-token, per-image) model names at the benchmark's size: ViT-Tiny 224, or nano 32 px."""
+    size = "nano_patch4_32" if quick else "tiny_patch16_224"
+    return f"mobile_vit_{size}", f"mobile_vmoe_token_{size}", f"mobile_vmoe_{size}"
+
+
+def export_models(quick: bool) -> dict[str, torch.nn.Module]:
+    """The fp32 models the script lowers, by key: dense, the per-token MoEs of ``TOKEN`` in export form with
+    BPR, and their static forms (the floors, ``_floor.py``)."""
+    dense_name, token_name, _ = names(quick)
+    models = {"dense": build(dense_name)}
+    for key, (E, ratio) in TOKEN.items():
+        models[key] = for_export(build(token_name, num_experts=E), capacity_ratio=ratio, priority="bpr")
+    return models | {key + STATIC: static_form(models[key]) for key in TOKEN}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     timing_args(ap, rounds=60, quick_rounds=10)
     args = ap.parse_args()
     rounds = num_rounds(args)
-    size = "nano_patch4_32" if args.quick else "tiny_patch16_224"
-    dense_name, token_name, image_name = (
-        f"mobile_vit_{size}",
-        f"mobile_vmoe_token_{size}",
-        f"mobile_vmoe_{size}",
-    )
-
-    dense = build(dense_name)
-    token = {  # key -> (experts, inference capacity ratio)
-        "token_e10": (10, 1.0),
-        "token_e4": (4, 1.0),
-        "token_e16": (16, 1.0),
-        "token_e10_c05": (10, 0.5),
-    }
-    models = {"dense": dense}
-    for key, (E, ratio) in token.items():
-        models[key] = for_export(build(token_name, num_experts=E), capacity_ratio=ratio, bpr=True)
+    dense_name, token_name, image_name = names(args.quick)
+    models = export_models(args.quick)
+    dense = models["dense"]
     H, W = dense.patch_embed.img_size
     x = torch.randn(1, 3, H, W)
-    statics = {key + STATIC: static_form(models[key]) for key in token}  # the floors (``_floor.py``)
 
     paths: dict[str, Path] = {}
 
@@ -72,16 +80,13 @@ def main() -> None:
         paths[f"{fmt}/{key}"] = lower_artifact(fmt, Path(tmp) / f"{key}.{fmt}", model, x, quantize=quantize)
 
     with tempfile.TemporaryDirectory(prefix="token-export-latency-") as tmp:
-        for key, m in models.items():
+        for key, m in models.items():  # the static forms too
             for fmt in ("pte", "onnx"):
                 lower(fmt, key, m)
         lower("pte", "dense_int8", dense, "int8")
         lower("pte", "token_e10_int8", models["token_e10"], "int8")
         lower("pte", "image_e10_int8", build(image_name), "int8")  # the paper's E=10, K=1, L=2
-        for key, m in statics.items():
-            for fmt in ("pte", "onnx"):
-                lower(fmt, key, m)
-        lower("pte", "token_e10_int8" + STATIC, statics["token_e10" + STATIC], "int8")
+        lower("pte", "token_e10_int8" + STATIC, models["token_e10" + STATIC], "int8")
         samples = time_runtimes(paths, x, rounds, args)
         fp32 = {k: p for k, p in paths.items() if not k.endswith(("_int8", STATIC))}
         prof = profile_ptes(fp32, x, args) if args.profile else None
