@@ -7,7 +7,6 @@ changes: a script that no test ran once called ``for_export`` with a keyword the
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,9 @@ def on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their helpers (``_common``) by name
 
 
-def load(name: str):
-    return sys.modules.get(name) or importlib.import_module(name)
-
-
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_imports(name: str) -> None:
-    module = load(name)
+    module = importlib.import_module(name)
     if not name.startswith("_"):
         assert callable(module.main), f"benchmarks/{name}.py has no main()"
 
@@ -42,7 +37,7 @@ def _assert_runs(models: dict[str, torch.nn.Module], x: torch.Tensor, out_shape:
 
 
 def test_token_export_latency_models_run() -> None:
-    mod = load("token_export_latency")
+    mod = importlib.import_module("token_export_latency")
     models = mod.export_models(quick=True)
     keys = {"dense", *mod.TOKEN, *(k + "_static" for k in mod.TOKEN)}
     assert set(models) == keys
@@ -55,7 +50,7 @@ def test_token_export_latency_models_run() -> None:
 
 
 def test_limoe_latency_models_run() -> None:
-    mod = load("limoe_latency")
+    mod = importlib.import_module("limoe_latency")
     images, texts = mod.export_models(quick=True)
     assert set(images) == {"limoe", "onetower", "clip", "limoe_2moe", "limoe_static", "limoe_2moe_static"}
     assert set(texts) == {"limoe", "onetower"}
